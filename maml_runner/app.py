@@ -1,0 +1,272 @@
+"""The Hydra task function: seed → build → fit → meta-test → metrics.json, plots, W&B.
+
+``main`` is the ``@hydra.main`` entry, so ``--multirun``, sweeper and launcher plugins and the
+per-job ``.hydra/`` snapshots all work. Everything is written under Hydra's output folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+
+from maml_runner import checkpoint, config, plots
+from maml_runner.build import Experiment, build, build_optimizer
+from maml_runner.errors import UserError
+from maml_runner.evaluation import EvalResult, meta_test
+from maml_runner.paths import conf_dir
+from maml_runner.tracking import Tracker
+from maml_runner.trainer import Diverged, fit
+
+config.register()
+console = Console()
+METRICS = "metrics.json"
+
+
+class Checkpoints:
+    """Saves ``checkpoints/last.pt`` for the trainer (and ``best.pt`` when validation improves)."""
+
+    def __init__(self, run_dir: Path, exp: Experiment, optimizer, cfg: dict, tracker: Tracker):
+        self.folder = run_dir / "checkpoints"
+        self.exp, self.optimizer, self.cfg, self.tracker = exp, optimizer, cfg, tracker
+        self.best_step: int | None = None
+
+    def save(self, step: int, best: dict | None, train_time: float) -> None:
+        extra = {"train_time": train_time, "wandb_run_id": self.tracker.run_id}
+        kwargs = dict(
+            model=self.exp.model,
+            optimizer=self.optimizer,
+            step=step,
+            config=self.cfg,
+            best=best,
+            extra=extra,
+        )
+        checkpoint.save(self.folder / checkpoint.LAST, **kwargs)
+        if best is not None and best["step"] == step and best["step"] != self.best_step:
+            checkpoint.save(self.folder / "best.pt", **kwargs)
+            self.best_step = step
+
+
+def evaluate(exp: Experiment, cfg: DictConfig) -> EvalResult:
+    """The paper's meta-test protocol on ``exp.test_tasks`` (see ``evaluation.meta_test``)."""
+    return meta_test(
+        exp.model,
+        exp.task_loss,
+        dict(exp.model.named_parameters()),
+        exp.test_tasks,
+        lr=cfg.inner.lr,
+        steps=cfg.inner.eval_steps,
+        batch_size=cfg.eval.batch_size,
+    )
+
+
+def print_result(result: EvalResult, report_steps: list[int], paper: dict | None) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"meta-test on {result.num_tasks} held-out tasks (mean ± 95% CI)")
+    table.add_column("inner steps", justify="right")
+    metrics = list(result.mean)
+    for metric in metrics:
+        table.add_column(metric, justify="right")
+    paper_values = {}
+    if paper:
+        paper_values = dict(zip(paper["steps"], paper["mean"]))
+        table.add_column(f"paper {paper['metric']}", justify="right")
+    for step in report_steps:
+        row = [str(step)] + [
+            f"{result.mean[m][step]:.4f} ± {result.ci95[m][step]:.4f}" for m in metrics
+        ]
+        if paper:
+            row.append(f"{paper_values[step]:.2f}" if step in paper_values else "")
+        table.add_row(*row)
+    console.print(table)
+
+
+def write_plots(exp: Experiment, cfg: DictConfig, result: EvalResult, run_dir: Path) -> dict:
+    label = cfg.algorithm.name
+    paper = None
+    if cfg.paper and cfg.paper.metric == "query_loss":
+        paper = {label: (list(cfg.paper.steps), list(cfg.paper.mean))}
+    images = {
+        "plots/adaptation": plots.adaptation_curves(
+            {label: result}, run_dir / "adaptation.png", paper=paper
+        )
+    }
+    num = min(cfg.eval.plot_tasks, result.num_tasks)
+    if num and hasattr(exp.family, "curve"):
+        tasks = exp.test_tasks.batches(num)[0]
+        lo, hi = exp.family.x_min, exp.family.x_max
+        grid = torch.linspace(lo, hi, 200, device=exp.device).view(1, -1, 1).expand(num, -1, -1)
+        truth = exp.family.curve(tasks.info, grid)
+        steps = sorted({0, 1, cfg.inner.eval_steps})
+        images["plots/tasks"] = plots.regression_tasks(
+            exp.model,
+            exp.task_loss,
+            dict(exp.model.named_parameters()),
+            tasks,
+            truth,
+            grid,
+            run_dir / "tasks.png",
+            lr=cfg.inner.lr,
+            steps=steps,
+        )
+    return images
+
+
+def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
+    """Train and meta-test one config in ``run_dir``; return the objective (lower is better)."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    exp = build(cfg)
+    optimizer = build_optimizer(cfg.outer, exp.model)
+    params = dict(exp.model.named_parameters())
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    start, train_time, best, run_id = 0, 0.0, None, None
+    if cfg.resume:
+        path = checkpoint.resolve(cfg.resume)
+        state = checkpoint.load(path, exp.device)
+        checkpoint.check_model(exp.model, state, str(cfg.resume))
+        exp.model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        checkpoint.set_rng_state(state["rng"])
+        start, best = state["step"], state["best"]
+        train_time = state["extra"].get("train_time", 0.0)
+        run_id = state["extra"].get("wandb_run_id")
+        console.print(f"resuming from {path} at step {start}")
+
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    group = cfg.logger.group
+    if group is None and multirun:
+        group = Path(HydraConfig.get().sweep.dir).name
+    tracker = Tracker(
+        run_dir,
+        mode=cfg.logger.mode,
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        group=group,
+        tags=list(cfg.logger.tags),
+        config=resolved,
+        run_id=run_id,
+        name=None if not multirun else f"{group}/{HydraConfig.get().job.num}",
+    )
+    exit_code = 1
+    try:
+        validate = None
+        if exp.val_tasks is not None:
+
+            def validate() -> dict[str, float]:
+                r = meta_test(
+                    exp.model,
+                    exp.task_loss,
+                    params,
+                    exp.val_tasks,
+                    lr=cfg.inner.lr,
+                    steps=cfg.inner.eval_steps,
+                    batch_size=cfg.eval.batch_size,
+                )
+                return {f"meta_val/{m}": r.mean[m][-1] for m in r.mean}
+
+        try:
+            fitted = fit(
+                exp.learner,
+                params,
+                optimizer,
+                exp.stream,
+                steps=cfg.trainer.steps,
+                tracker=tracker,
+                checkpointer=Checkpoints(run_dir, exp, optimizer, resolved, tracker),
+                start_step=start,
+                train_time=train_time,
+                validate=validate,
+                val_every=cfg.trainer.val_every,
+                checkpoint_every=cfg.trainer.checkpoint_every,
+                log_every=cfg.trainer.log_every,
+                progress=cfg.trainer.progress,
+                best=best,
+            )
+        except Diverged as err:
+            last = run_dir / "checkpoints" / checkpoint.LAST
+            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint kept"
+            console.print(
+                f"[red]error:[/] meta_train/query_loss or θ became NaN/inf by step "
+                f"{err.step}; {kept}. Try a smaller inner.lr or outer.lr."
+            )
+            if multirun:
+                return float("nan")
+            raise SystemExit(1) from None
+        if fitted.interrupted:
+            console.print(
+                f"interrupted at step {fitted.step}; checkpoint saved. Continue with:\n"
+                f"  maml-run resume={run_dir}"
+            )
+            raise SystemExit(130)
+        console.print(
+            f"meta-trained {fitted.step} steps in {fitted.train_time:.1f} s "
+            f"({fitted.it_per_s:.0f} it/s this session) on {device_name(exp.device)}"
+        )
+
+        result = evaluate(exp, cfg)
+        print_result(result, list(cfg.eval.report_steps), cfg.paper)
+        objective = result.mean["query_loss"][-1]
+        metrics = {
+            "experiment": choices.get("experiment"),
+            "task": cfg.task.name,
+            "algorithm": cfg.algorithm.name,
+            "first_order": cfg.inner.first_order,
+            "k_shot": cfg.task.k_shot,
+            "eval_k_shot": cfg.task.eval_k_shot,
+            "seed": cfg.seed,
+            "meta_test": result.to_dict(),
+            "meta_val": {"best": fitted.best},
+            "train": {
+                "steps": fitted.step,
+                "train_time_s": fitted.train_time,
+                "it_per_s": fitted.it_per_s,
+            },
+            "hardware": {"device": device_name(exp.device), "torch": torch.__version__},
+            "paper": OmegaConf.to_container(cfg.paper) if cfg.paper else None,
+            "objective": objective,
+        }
+        (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
+        summary = {}
+        for metric in result.mean:
+            for step in result.inner_steps:
+                summary[f"meta_test/{metric}_step{step}"] = result.mean[metric][step]
+                summary[f"meta_test/{metric}_ci95_step{step}"] = result.ci95[metric][step]
+        tracker.log({f"meta_test/{m}": result.mean[m][-1] for m in result.mean}, fitted.step)
+        tracker.summary(summary)
+        images = write_plots(exp, cfg, result, run_dir)
+        tracker.log_images(images, fitted.step)
+        console.print(f"run folder: {run_dir} (metrics.json, adaptation.png, checkpoints/)")
+        exit_code = 0
+        return objective
+    finally:
+        tracker.close(exit_code)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+@hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")
+def main(cfg: DictConfig) -> float:
+    """Hydra's entry: run one job in its output folder; bad input ends it with one line."""
+    hc = HydraConfig.get()
+    try:
+        return run(cfg, Path(hc.runtime.output_dir), multirun=hc.mode == RunMode.MULTIRUN)
+    except UserError as err:
+        if os.environ.get("MAML_RUNNER_TRACEBACK"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None

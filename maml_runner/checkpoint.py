@@ -1,0 +1,102 @@
+"""Checkpoints that resume a run exactly: weights, optimiser, step, best metric, RNG, config.
+
+A checkpoint is one ``torch.save`` file, written atomically (temporary file, then rename), read
+back with ``weights_only=True`` (no pickled code runs on load).
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from maml_runner.errors import UserError
+
+FORMAT_VERSION = 1
+LAST = "last.pt"
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(
+    path: Path,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    step: int,
+    config: dict,
+    best: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write a complete, resumable checkpoint to ``path`` atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "best": best,
+        "rng": rng_state(),
+        "config": config,
+        "extra": extra or {},
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def resolve(resume: str | os.PathLike) -> Path:
+    """A run folder (→ its ``checkpoints/last.pt``) or a checkpoint file; must exist."""
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        candidate = path / "checkpoints" / LAST
+        if not candidate.is_file():
+            raise UserError(f"resume={resume}: no checkpoints/{LAST} in that folder")
+        return candidate
+    if not path.is_file():
+        raise UserError(f"resume={resume}: no such run folder or checkpoint file")
+    return path
+
+
+def load(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Read a checkpoint; a truncated or foreign file is a ``UserError`` naming it."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise UserError(f"resume={path}: not a readable checkpoint ({reason})") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"resume={path}: not a maml-runner checkpoint (format {FORMAT_VERSION})")
+    return state
+
+
+def check_model(model: nn.Module, state: dict[str, Any], where: str) -> None:
+    """Refuse a checkpoint whose parameters differ from ``model``'s in name or shape."""
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in state["model"].items()}
+    if ours == theirs:
+        return
+    for key in sorted(set(ours) | set(theirs)):
+        if ours.get(key) != theirs.get(key):
+            raise UserError(
+                f"resume={where}: the checkpoint's model differs from the configured one at "
+                f"{key}: checkpoint {theirs.get(key)}, config {ours.get(key)}; resume with the "
+                f"run's own model settings"
+            )

@@ -1,0 +1,265 @@
+"""The ``maml-run`` command (Typer). No ML imports at module top, so ``--help`` is instant.
+
+Two forms:
+    maml-run [HYDRA OVERRIDES...]     train (the default): ``maml-run task=sinusoid k=5``,
+                                      ``maml-run -m k=5,10 seed=0,1,2`` (a Hydra multirun)
+    maml-run COMMAND [ARGS...]        config | presets | evaluate | table
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+HELP = """\
+Config-driven MAML experiments (Finn, Abbeel & Levine, ICML 2017).
+
+\b
+Train (the default command; bare arguments are Hydra overrides):
+  maml-run                                   MAML on sinusoid regression, K=5
+  maml-run task=sinusoid k=5 seed=3          change any key of the config
+  maml-run experiment=finn17_sinusoid        a paper preset (see: maml-run presets)
+  maml-run -m k=5,10 seed=0,1,2              a Hydra multirun sweep (6 jobs)
+  maml-run resume=outputs/DATE/TIME          continue a run from its checkpoint
+  maml-run train --cfg job                   Hydra's own flags go after `train`
+
+Each run writes metrics.json, metrics.jsonl, plots, checkpoints/ and an offline W&B run into
+its folder (outputs/DATE/TIME, or multirun/DATE/TIME/N_... for sweeps).
+"""
+
+app = typer.Typer(
+    help=HELP,
+    add_completion=False,
+    no_args_is_help=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+COMMANDS = ("train", "config", "presets", "evaluate", "table")
+GROUPS_WITHOUT_FILES = {"hydra"}
+
+
+def fail(message: str) -> None:
+    """Print a one-line error and exit with status 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def _conf_dir() -> Path:
+    from maml_runner.paths import conf_dir
+
+    return conf_dir()
+
+
+def group_options(conf: Path) -> dict[str, list[str]]:
+    """Every config group (a folder of conf/) and its options (the YAML files in it)."""
+    return {
+        d.name: sorted(p.stem for p in d.glob("*.yaml"))
+        for d in sorted(conf.iterdir())
+        if d.is_dir() and d.name not in GROUPS_WITHOUT_FILES
+    }
+
+
+def check_group_choices(overrides: list[str]) -> None:
+    """Reject ``task=foo`` before Hydra starts, listing the choices, in one line."""
+    groups = group_options(_conf_dir())
+    for item in overrides:
+        if "=" not in item or item.startswith("-"):
+            continue
+        key, value = item.split("=", 1)
+        key = key.lstrip("+~")
+        if key not in groups or "(" in value or value in ("null", ""):
+            continue
+        for choice in value.split(","):
+            if choice not in groups[key]:
+                fail(f"{key}={choice}: unknown {key}; choose one of {', '.join(groups[key])}")
+
+
+def resume_overrides(overrides: list[str]) -> list[str]:
+    """For ``resume=RUN``: reapply RUN's original overrides and write into RUN itself."""
+    values = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
+    if not values or values[-1] in ("", "null"):
+        return overrides
+    path = Path(values[-1]).expanduser()
+    if not path.exists():
+        fail(f"resume={values[-1]}: no such run folder or checkpoint file")
+    run_dir = path if path.is_dir() else path.parent.parent
+    saved = run_dir / ".hydra" / "overrides.yaml"
+    original: list[str] = []
+    if saved.is_file():
+        from omegaconf import OmegaConf
+
+        original = [
+            o
+            for o in OmegaConf.load(saved)
+            if not o.startswith(("resume=", "hydra.run.dir=")) and o not in overrides
+        ]
+    extra = (
+        []
+        if any(o.startswith("hydra.run.dir=") for o in overrides)
+        else [f"hydra.run.dir={run_dir}"]
+    )
+    return [*original, *overrides, *extra]
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    help="Meta-train and meta-test (the default command). Arguments are Hydra overrides.",
+)
+def train(ctx: typer.Context) -> None:
+    overrides = list(ctx.args)
+    check_group_choices(overrides)
+    overrides = resume_overrides(overrides)
+    from maml_runner.app import main as hydra_main
+
+    sys.argv = ["maml-run", *overrides]
+    hydra_main()
+
+
+def compose(overrides: list[str]):
+    """Compose the config read-only (Compose API), as Hydra would for a run."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+
+    from maml_runner import config as _schemas  # noqa: F401  (registers the schemas)
+
+    check_group_choices(overrides)
+    try:
+        with initialize_config_dir(str(_conf_dir()), version_base="1.3"):
+            return hydra_compose("config", overrides=overrides)
+    except HydraException as exc:
+        cause = f" ({exc.__cause__})" if exc.__cause__ else ""
+        fail(f"{str(exc).splitlines()[0]}{cause}".replace("\n", " "))
+
+
+@app.command("config", help="Print the composed config for the given overrides, resolved.")
+def show_config(
+    overrides: Annotated[list[str] | None, typer.Argument(help="Hydra overrides")] = None,
+    unresolved: Annotated[bool, typer.Option(help="keep ${...} interpolations")] = False,
+) -> None:
+    from omegaconf import OmegaConf
+
+    cfg = compose(overrides or [])
+    typer.echo(OmegaConf.to_yaml(cfg, resolve=not unresolved))
+
+
+def _describe(path: Path) -> str:
+    """A preset's first comment line that is not a directive or the command itself."""
+    for line in path.read_text().splitlines():
+        text = line.lstrip("# ").strip()
+        if not line.startswith("#"):
+            break
+        if text and not text.startswith(("@package", "maml-run")):
+            return text
+    return ""
+
+
+@app.command(help="List every config group and its options (presets first).")
+def presets() -> None:
+    conf = _conf_dir()
+    groups = group_options(conf)
+    order = ["experiment"] + [g for g in groups if g != "experiment"]
+    for group in order:
+        typer.echo(f"{group}:")
+        for option in groups[group]:
+            typer.echo(f"  {group}={option:<28} {_describe(conf / group / f'{option}.yaml')}")
+
+
+@app.command(help="Meta-test a saved run (its folder or a checkpoint) on new or more tasks.")
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="run folder or checkpoint file")],
+    num_tasks: Annotated[int | None, typer.Option(help="tasks (default: the run's)")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed of the tasks (default: the run's)")] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="inner steps (default: inner.eval_steps)")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda | auto")] = None,
+) -> None:
+    from maml_runner.errors import UserError
+
+    try:
+        _evaluate(run, num_tasks, seed, steps, device)
+    except UserError as err:
+        fail(str(err))
+
+
+def _evaluate(run: Path, num_tasks, seed, steps, device) -> None:
+    from omegaconf import OmegaConf
+
+    from maml_runner import checkpoint
+    from maml_runner.app import console, print_result
+    from maml_runner.build import build
+    from maml_runner.evaluation import meta_test
+
+    path = checkpoint.resolve(run)
+    state = checkpoint.load(path)
+    cfg = OmegaConf.create(state["config"])
+    updates = {
+        "eval.num_tasks": num_tasks,
+        "eval.seed": seed,
+        "inner.eval_steps": steps,
+        "device": device,
+    }
+    for key, value in updates.items():
+        if value is not None:
+            OmegaConf.update(cfg, key, value)
+    cfg.eval.report_steps = [s for s in cfg.eval.report_steps if s <= cfg.inner.eval_steps]
+    exp = build(cfg)
+    checkpoint.check_model(exp.model, state, str(run))
+    exp.model.load_state_dict(state["model"])
+    result = meta_test(
+        exp.model,
+        exp.task_loss,
+        dict(exp.model.named_parameters()),
+        exp.test_tasks,
+        lr=cfg.inner.lr,
+        steps=cfg.inner.eval_steps,
+        batch_size=cfg.eval.batch_size,
+    )
+    print_result(result, list(cfg.eval.report_steps), cfg.paper)
+    out = path.parent / f"eval_step{state['step']}_seed{cfg.eval.seed}_n{cfg.eval.num_tasks}.json"
+    out.write_text(
+        json.dumps(
+            {"checkpoint": str(path), "step": state["step"], "meta_test": result.to_dict()},
+            indent=2,
+        )
+    )
+    console.print(f"wrote {out}")
+
+
+@app.command(help="Turn run or sweep folders into a markdown table (ours beside the paper's).")
+def table(
+    paths: Annotated[list[Path], typer.Argument(help="run folders, sweep folders or metrics.json")],
+    out: Annotated[Path | None, typer.Option(help="also write the table to this file")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="also draw all runs' curves to this PNG")
+    ] = None,
+) -> None:
+    from maml_runner.results import collect, markdown_table, plot_runs
+
+    runs = collect(paths)
+    if not runs:
+        fail(f"paths={' '.join(map(str, paths))}: no metrics.json found (finished runs write one)")
+    text = markdown_table(runs)
+    typer.echo(text)
+    if out is not None:
+        out.write_text(text + "\n")
+    if plot is not None:
+        plot_runs(runs, plot)
+        typer.echo(f"wrote {plot}")
+
+
+def main() -> None:
+    """Console-script entry: bare overrides (or nothing) mean ``train``."""
+    args = sys.argv[1:]
+    if not args or args[0] not in (*COMMANDS, "-h", "--help"):
+        args = ["train", *args]
+    if os.environ.get("MAML_RUNNER_TRACEBACK"):
+        app(args=args, prog_name="maml-run")
+    else:
+        app(args=args, prog_name="maml-run", standalone_mode=True)

@@ -1,0 +1,132 @@
+"""Typed schemas for the scalar knobs, registered in Hydra's ConfigStore.
+
+Each group's YAML files start with ``defaults: [base, _self_]``, so OmegaConf rejects a value of
+the wrong type (``inner.lr=abc``) or an unknown key (``inner.lrr=0.1``) while composing. Ranges
+(``k > 0``, ``lr >= 0``) are checked in ``build.validate`` with messages for people.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class InnerConfig:
+    # α: step size of the inner (adaptation) gradient steps
+    lr: float = 0.01
+    # gradient steps on the support set during meta-training
+    steps: int = 1
+    # drop the second-order term of the meta-gradient (FOMAML)
+    first_order: bool = False
+    # adaptation steps at meta-test (and validation); metrics are reported after 0..eval_steps
+    eval_steps: int = 10
+
+
+@dataclass
+class TrainerConfig:
+    # tasks per meta-batch (the outer update averages their query losses)
+    meta_batch_size: int = 25
+    # meta-iterations (outer updates)
+    steps: int = 70_000
+    # validate every N meta-iterations (0: never)
+    val_every: int = 5_000
+    # validation tasks (fixed by trainer.val_seed)
+    val_tasks: int = 100
+    val_seed: int = 1
+    # write checkpoints/last.pt every N meta-iterations (0: only at the end and on interrupt)
+    checkpoint_every: int = 5_000
+    # average the training loss over N meta-iterations for the log and progress display
+    log_every: int = 100
+    # show a live progress display
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    # held-out tasks at meta-test (the paper uses 600)
+    num_tasks: int = 600
+    # seed of the meta-test tasks; the same for every run, so runs compare on identical tasks
+    seed: int = 2
+    # tasks adapted together at meta-test (bounds memory; results do not depend on it)
+    batch_size: int = 600
+    # inner steps shown in the summary table, e.g. the paper's columns [1, 5, 10]
+    report_steps: list[int] = field(default_factory=lambda: [0, 1, 5, 10])
+    # example tasks drawn in the task plot (regression only; 0: no plot)
+    plot_tasks: int = 4
+
+
+@dataclass
+class LoggerConfig:
+    # online | offline | disabled. offline needs no account or network; `wandb sync` uploads later
+    mode: str = "offline"
+    project: str = "maml-runner"
+    entity: str | None = None
+    # W&B group; by default the sweep (multirun) folder groups its jobs
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AlgorithmConfig:
+    # maml | pretrain (the paper's baseline: one model trained on all tasks, fine-tuned at test)
+    name: str = "maml"
+
+
+@dataclass
+class SinusoidConfig:
+    name: str = "sinusoid"
+    # K: support points per task in meta-training
+    k_shot: int = 5
+    # query points per task in meta-training
+    query_size: int = 5
+    # support points per task at validation and meta-test
+    eval_k_shot: int = 5
+    # query points per test task (more points: a less noisy MSE; its expectation is the same)
+    eval_query_size: int = 100
+    amplitude_min: float = 0.1
+    amplitude_max: float = 5.0
+    phase_min: float = 0.0
+    phase_max: float = 3.141592653589793
+    x_min: float = -5.0
+    x_max: float = 5.0
+
+
+@dataclass
+class MLPConfig:
+    name: str = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [40, 40])
+    # relu | tanh | elu
+    activation: str = "relu"
+    # torch (PyTorch default) | paper (truncated normal σ=0.01, zero bias, as the reference code)
+    init: str = "torch"
+
+
+SCHEMAS: dict[str, Any] = {
+    "inner": InnerConfig,
+    "trainer": TrainerConfig,
+    "eval": EvalConfig,
+    "logger": LoggerConfig,
+    "algorithm": AlgorithmConfig,
+}
+
+# Several schemas per group are possible (task families): each is stored as base_<name>.
+GROUP_SCHEMAS: dict[str, dict[str, Any]] = {
+    "task": {"base_sinusoid": SinusoidConfig},
+    "model": {"base_mlp": MLPConfig},
+}
+
+
+def register() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent)."""
+    cs = ConfigStore.instance()
+    for group, node in SCHEMAS.items():
+        cs.store(group=group, name="base", node=node)
+    for group, nodes in GROUP_SCHEMAS.items():
+        for name, node in nodes.items():
+            cs.store(group=group, name=name, node=node)
+
+
+register()

@@ -1,0 +1,86 @@
+"""Batched functional forward: run one network with a different set of weights per task.
+
+``batched_forward(model, params, x)`` evaluates ``model`` on ``x`` of shape ``[T, N, ...]`` with
+``params[name]`` of shape ``[T, *param.shape]`` (task ``t`` uses slice ``t``). The model stays a
+plain ``nn.Module``: this module reads its structure and calls one batched kernel per layer
+(``baddbmm`` for a linear layer), so a meta-batch costs the same number of kernel launches as one
+task. That, not FLOPs, is what decides speed at MAML's sizes, where each op costs 5-30 µs.
+
+Layers are dispatched on their type through ``BATCHED_LAYERS``; a model built from other layers
+gets an error naming the layer. Parameter-free element-wise layers run on ``[T*N, ...]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+Params = dict[str, Tensor]
+LayerFn = Callable[[nn.Module, Params, str, Tensor], Tensor]
+
+
+def _linear(layer: nn.Linear, params: Params, prefix: str, x: Tensor) -> Tensor:
+    weight = params[prefix + "weight"].transpose(1, 2)  # [T, in, out]
+    shape = x.shape
+    h = x if x.dim() == 3 else x.reshape(shape[0], -1, shape[-1])  # [T, N, in]
+    if layer.bias is None:
+        out = torch.bmm(h, weight)
+    else:
+        out = torch.baddbmm(params[prefix + "bias"].unsqueeze(1), h, weight)
+    return out if x.dim() == 3 else out.reshape(*shape[:-1], weight.shape[2])
+
+
+def _pointwise(layer: nn.Module, params: Params, prefix: str, x: Tensor) -> Tensor:
+    return layer(x)
+
+
+def _flatten(layer: nn.Flatten, params: Params, prefix: str, x: Tensor) -> Tensor:
+    # nn.Flatten's dims count from an unbatched sample [N, ...]; the task dim shifts them by one.
+    start = layer.start_dim + 1 if layer.start_dim >= 0 else layer.start_dim
+    end = layer.end_dim + 1 if layer.end_dim >= 0 else layer.end_dim
+    return x.flatten(start, end)
+
+
+def _sequential(layer: nn.Sequential, params: Params, prefix: str, x: Tensor) -> Tensor:
+    for name, child in layer.named_children():
+        x = _call(child, params, f"{prefix}{name}.", x)
+    return x
+
+
+BATCHED_LAYERS: dict[type[nn.Module], LayerFn] = {
+    nn.Sequential: _sequential,
+    nn.Linear: _linear,
+    nn.Flatten: _flatten,
+    nn.ReLU: _pointwise,
+    nn.Tanh: _pointwise,
+    nn.Sigmoid: _pointwise,
+    nn.ELU: _pointwise,
+    nn.LeakyReLU: _pointwise,
+    nn.Identity: _pointwise,
+}
+
+
+def _call(layer: nn.Module, params: Params, prefix: str, x: Tensor) -> Tensor:
+    for cls in type(layer).__mro__:
+        fn = BATCHED_LAYERS.get(cls)
+        if fn is not None:
+            return fn(layer, params, prefix, x)
+    supported = ", ".join(sorted(c.__name__ for c in BATCHED_LAYERS))
+    raise TypeError(
+        f"layer {prefix.rstrip('.') or '<root>'} is a {type(layer).__name__}, which the batched "
+        f"MAML forward does not support; build models from: {supported}"
+    )
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise ``TypeError`` now, not mid-training, if ``model`` holds a layer we cannot batch."""
+    for name, module in model.named_modules():
+        if not any(cls in BATCHED_LAYERS for cls in type(module).__mro__):
+            _call(module, {}, name + ".", torch.empty(0))
+
+
+def batched_forward(model: nn.Module, params: Params, x: Tensor) -> Tensor:
+    """Evaluate ``model`` on ``x`` ``[T, N, ...]`` with per-task weights ``params`` ``[T, ...]``."""
+    return _call(model, params, "", x)

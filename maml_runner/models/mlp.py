@@ -1,0 +1,44 @@
+"""Fully connected network: the paper's sinusoid regressor (1-40-40-1, ReLU)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
+INITS = ("torch", "paper")
+
+
+class MLP(nn.Sequential):
+    """``in_features → hidden… → out_features`` with an activation between linear layers.
+
+    Args:
+        in_features: input size.
+        out_features: output size.
+        hidden: sizes of the hidden layers, e.g. ``[40, 40]``.
+        activation: one of ``relu``, ``tanh``, ``elu``.
+        init: ``torch`` (PyTorch's default) or ``paper`` (weights from a normal with σ=0.01
+            truncated at 2σ, biases zero: the reference code's initialisation).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        hidden: Sequence[int] = (40, 40),
+        activation: str = "relu",
+        init: str = "torch",
+    ) -> None:
+        sizes = [in_features, *hidden, out_features]
+        layers: list[nn.Module] = []
+        for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
+            layers.append(nn.Linear(fan_in, fan_out))
+            if i < len(sizes) - 2:
+                layers.append(ACTIVATIONS[activation]())
+        super().__init__(*layers)
+        if init == "paper":
+            for layer in self:
+                if isinstance(layer, nn.Linear):
+                    nn.init.trunc_normal_(layer.weight, std=0.01, a=-0.02, b=0.02)
+                    nn.init.zeros_(layer.bias)

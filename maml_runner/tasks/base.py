@@ -1,0 +1,110 @@
+"""Task streams for meta-training and fixed task sets for validation and meta-test.
+
+The meta-batch of training step ``s`` is a pure function of ``(seed, s)``: tasks are drawn in
+chunks of ``chunk`` meta-batches from a generator seeded by ``(seed, chunk index)``. One call
+then samples many meta-batches (fewer ops per step), and a resumed run sees exactly the tasks an
+uninterrupted run would, with no sampler state to save.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from maml_runner.maml.core import TaskBatch
+
+
+class TaskFamily(Protocol):
+    """What every task family offers: draw ``num_tasks`` tasks with ``k_shot``/``query_size``."""
+
+    def sample(
+        self, num_tasks: int, generator: torch.Generator, *, k_shot: int, query_size: int
+    ) -> TaskBatch: ...
+
+
+def make_generator(seed: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def stream_seed(seed: int, chunk: int) -> int:
+    """Generator seed of one training chunk: (seed, chunk) packed above 2**32.
+
+    Validation and meta-test sets are seeded with small integers (``trainer.val_seed``,
+    ``eval.seed``); packing the run seed into the high bits keeps the training stream from ever
+    replaying them.
+    """
+    return (((seed % 2**31) + 1) << 32) + chunk
+
+
+class TaskStream:
+    """Meta-training batches: ``stream.batch(step)`` is the same for the same seed and step."""
+
+    def __init__(
+        self,
+        family: TaskFamily,
+        *,
+        meta_batch_size: int,
+        k_shot: int,
+        query_size: int,
+        seed: int,
+        device: torch.device,
+        chunk: int = 100,
+    ) -> None:
+        self.family, self.meta_batch_size = family, meta_batch_size
+        self.k_shot, self.query_size = k_shot, query_size
+        self.seed, self.device, self.chunk = seed, device, chunk
+        self._cached: tuple[int, TaskBatch] | None = None
+
+    def batch(self, step: int) -> TaskBatch:
+        index, offset = divmod(step, self.chunk)
+        if self._cached is None or self._cached[0] != index:
+            generator = make_generator(stream_seed(self.seed, index), self.device)
+            tasks = self.family.sample(
+                self.chunk * self.meta_batch_size,
+                generator,
+                k_shot=self.k_shot,
+                query_size=self.query_size,
+            )
+            self._cached = (index, tasks)
+        tasks = self._cached[1]
+        lo, hi = offset * self.meta_batch_size, (offset + 1) * self.meta_batch_size
+        return TaskBatch(
+            tasks.support_x[lo:hi],
+            tasks.support_y[lo:hi],
+            tasks.query_x[lo:hi],
+            tasks.query_y[lo:hi],
+            None if tasks.info is None else {k: v[lo:hi] for k, v in tasks.info.items()},
+        )
+
+
+class FixedTasks:
+    """A fixed set of tasks (validation or meta-test), drawn once from its own seed."""
+
+    def __init__(
+        self,
+        family: TaskFamily,
+        *,
+        num_tasks: int,
+        k_shot: int,
+        query_size: int,
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        self.tasks = family.sample(
+            num_tasks, make_generator(seed, device), k_shot=k_shot, query_size=query_size
+        )
+
+    def batches(self, size: int) -> list[TaskBatch]:
+        """Split the set into meta-batches of at most ``size`` tasks (bounds memory)."""
+        t = self.tasks
+        out = []
+        for lo in range(0, t.num_tasks, size):
+            hi = lo + size
+            info = None if t.info is None else {k: v[lo:hi] for k, v in t.info.items()}
+            out.append(
+                TaskBatch(
+                    t.support_x[lo:hi], t.support_y[lo:hi], t.query_x[lo:hi], t.query_y[lo:hi], info
+                )
+            )
+        return out

@@ -1,0 +1,196 @@
+"""The outer loop: meta-steps, logging, validation, checkpoints, interrupts.
+
+``fit`` takes plain objects: a learner with ``outer_loss(params, batch)``, the outer optimiser,
+a task stream, and small ``Tracker``/``Checkpointer`` interfaces. It never reads a config.
+The hot path holds no host-device synchronisation: the training loss is summed on the device and
+read once every ``log_every`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from maml_runner.maml import TaskBatch
+from maml_runner.maml.functional import Params
+from maml_runner.tasks import TaskStream
+
+
+class Learner(Protocol):
+    def outer_loss(self, params: Params, batch: TaskBatch) -> torch.Tensor: ...
+
+
+class Logger(Protocol):
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+
+
+class Checkpointer(Protocol):
+    def save(self, step: int, best: dict | None, train_time: float) -> None: ...
+
+
+class Diverged(RuntimeError):
+    """The meta-training loss or the meta-parameters became NaN or infinite."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(step)
+        self.step = step
+
+
+@dataclass
+class FitResult:
+    step: int
+    interrupted: bool
+    train_time: float
+    it_per_s: float
+    best: dict | None = field(default=None)
+
+
+@contextmanager
+def _catch_signals() -> Iterator[list[int]]:
+    """Turn SIGINT/SIGTERM into a flag the loop polls, so it can checkpoint and stop cleanly."""
+    received: list[int] = []
+    handlers = {}
+
+    def handler(signum: int, frame: object) -> None:
+        received.append(signum)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            handlers[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+    try:
+        yield received
+    finally:
+        for sig, previous in handlers.items():
+            signal.signal(sig, previous)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(
+        TextColumn("[bold]meta-train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[speed]} it/s"),
+        TextColumn("loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        refresh_per_second=4,
+    )
+
+
+def _finite(params: Params) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in params.values())
+
+
+def fit(
+    learner: Learner,
+    params: Params,
+    optimizer: torch.optim.Optimizer,
+    stream: TaskStream,
+    *,
+    steps: int,
+    tracker: Logger,
+    checkpointer: Checkpointer,
+    start_step: int = 0,
+    train_time: float = 0.0,
+    validate: Callable[[], dict[str, float]] | None = None,
+    val_key: str = "meta_val/query_loss",
+    val_every: int = 0,
+    checkpoint_every: int = 0,
+    log_every: int = 100,
+    progress: bool = True,
+    best: dict | None = None,
+    console: Console | None = None,
+) -> FitResult:
+    """Meta-train from ``start_step`` to ``steps``; checkpoint at the end and on interrupt.
+
+    Raises:
+        Diverged: the loss or θ stopped being finite; the last good checkpoint is kept.
+    """
+    console = console or Console(stderr=True)
+    step, loss_sum, count = start_step, torch.zeros((), device=stream.device), 0
+    clock, clock_step = time.perf_counter(), start_step
+    interrupted = False
+
+    def save() -> None:
+        if not (math.isfinite(loss_sum.item()) and _finite(params)):
+            raise Diverged(step)
+        checkpointer.save(step, best, train_time + time.perf_counter() - started)
+
+    started = time.perf_counter()
+    bar = _progress(console) if progress else None
+    with _catch_signals() as received, bar if bar is not None else _nullcontext():
+        task = bar.add_task("train", total=steps, completed=step, speed="-", loss="-") if bar else 0
+        while step < steps:
+            loss = learner.outer_loss(params, stream.batch(step))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.detach()
+            count += 1
+            step += 1
+
+            if step % log_every == 0 or step == steps:
+                mean = loss_sum.item() / count  # the one host sync of the loop
+                if not math.isfinite(mean):
+                    raise Diverged(step)
+                now = time.perf_counter()
+                speed = (step - clock_step) / max(now - clock, 1e-9)
+                clock, clock_step = now, step
+                tracker.log({"meta_train/query_loss": mean, "meta_train/it_per_s": speed}, step)
+                loss_sum.zero_()
+                count = 0
+                if bar is not None:
+                    bar.update(task, completed=step, speed=f"{speed:.0f}", loss=f"{mean:.4f}")
+            if validate is not None and val_every and step % val_every == 0:
+                metrics = validate()
+                tracker.log(metrics, step)
+                value = metrics[val_key]
+                improved = best is None or value < best["value"]
+                if improved:
+                    best = {"key": val_key, "value": value, "step": step}
+                console.log(
+                    f"step {step}: {val_key} {value:.4f}"
+                    + (" (best)" if improved else f" (best {best['value']:.4f} at {best['step']})")
+                )
+            if checkpoint_every and step % checkpoint_every == 0 and step < steps:
+                save()
+            if received:
+                interrupted = True
+                break
+        if bar is not None:
+            bar.update(task, completed=step)
+    save()
+    elapsed = time.perf_counter() - started
+    done = step - start_step
+    return FitResult(
+        step=step,
+        interrupted=interrupted,
+        train_time=train_time + elapsed,
+        it_per_s=done / elapsed if elapsed > 0 else 0.0,
+        best=best,
+    )
+
+
+@contextmanager
+def _nullcontext() -> Iterator[None]:
+    yield

@@ -1,0 +1,145 @@
+"""The installed ``maml-run`` end to end, in subprocesses started outside the repository."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import QUICK, maml_run, read_metrics
+
+
+def test_train_writes_the_run_folder(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    proc = maml_run(["task=sinusoid", "k=5", *QUICK, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    metrics = read_metrics(run_dir)
+    test = metrics["meta_test"]
+    assert test["inner_steps"] == list(range(11))
+    assert len(test["query_loss"]["mean"]) == 11 and len(test["query_loss"]["ci95"]) == 11
+    assert test["num_tasks"] == 20
+    assert metrics["train"]["steps"] == 40 and metrics["k_shot"] == 5
+    assert (run_dir / "checkpoints" / "last.pt").is_file()
+    assert (run_dir / "adaptation.png").stat().st_size > 1000
+    assert (run_dir / "tasks.png").stat().st_size > 1000
+    assert (run_dir / ".hydra" / "config.yaml").is_file()
+    history = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in history if "meta_train/query_loss" in r] == [10, 20, 30, 40]
+    assert any("meta_val/query_loss" in r for r in history)
+    assert "meta-test on 20 held-out tasks" in proc.stdout
+    assert not (tmp_path / "outputs").exists(), "writes only into hydra.run.dir"
+
+
+def test_python_dash_m_entry(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "maml_runner", "presets"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "experiment=finn17_sinusoid " in proc.stdout
+
+
+def test_multirun_two_jobs(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    maml_run(["-m", "seed=0,1", *QUICK, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
+    assert len(jobs) == 2
+    a, b = (read_metrics(j) for j in jobs)
+    assert {a["seed"], b["seed"]} == {0, 1}
+    assert a["meta_test"]["query_loss"]["mean"] != b["meta_test"]["query_loss"]["mean"]
+    assert (sweep / "multirun.yaml").is_file()
+
+
+def test_wandb_offline_run_holds_the_logged_keys(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    overrides = [o for o in QUICK if not o.startswith("logger.")]
+    maml_run([*overrides, "logger.mode=offline", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1, list((run_dir / "wandb").iterdir())
+    data = next(runs[0].glob("run-*.wandb")).read_bytes()
+    for key in (
+        b"meta_train/query_loss",
+        b"meta_val/query_loss",
+        b"meta_test/query_loss",
+        b"plots/adaptation",
+        b"meta_test/query_loss_step10",
+        b"inner",
+    ):
+        assert key in data, key
+
+
+def test_help_explains_both_forms(tmp_path: Path) -> None:
+    out = maml_run(["--help"], cwd=tmp_path).stdout
+    assert "maml-run task=sinusoid k=5" in out and "maml-run -m" in out
+    for command in ("config", "presets", "evaluate", "table"):
+        assert command in out
+
+
+def test_config_and_presets_commands(tmp_path: Path) -> None:
+    out = maml_run(["config", "experiment=finn17_sinusoid"], cwd=tmp_path).stdout
+    assert "k_shot: 10" in out and "eval_k_shot: 5" in out
+    presets = maml_run(["presets"], cwd=tmp_path).stdout
+    assert "experiment=finn17_sinusoid_pretrain" in presets and "task=sinusoid" in presets
+
+
+def test_evaluate_and_table_commands(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    maml_run([*QUICK, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    out = maml_run(["evaluate", str(run_dir), "--num-tasks", "30", "--seed", "7"], cwd=tmp_path)
+    assert "meta-test on 30 held-out tasks" in out.stdout
+    saved = json.loads(next((run_dir / "checkpoints").glob("eval_*seed7_n30.json")).read_text())
+    assert saved["meta_test"]["num_tasks"] == 30
+    table = maml_run(["table", str(tmp_path), "--plot", str(tmp_path / "all.png")], cwd=tmp_path)
+    assert "query_loss @1 (ours)" in table.stdout and (tmp_path / "all.png").is_file()
+
+
+BAD_INPUTS = [
+    (["task=nope"], "task=nope: unknown task; choose one of sinusoid"),
+    (["model=resnet"], "model=resnet: unknown model"),
+    (["experiment=finn99"], "experiment=finn99: unknown experiment; choose one of"),
+    (["k=0"], "k=0: K (support examples per task) must be an integer >= 1"),
+    (["trainer.meta_batch_size=0"], "trainer.meta_batch_size=0: must be an integer >= 1"),
+    (["inner.lr=-0.1"], "inner.lr=-0.1: the inner step size must be >= 0"),
+    (["outer.lr=-1"], "outer.lr=-1: the meta step size must be >= 0"),
+    (["inner.steps=-2"], "inner.steps=-2: must be an integer >= 0"),
+    (["device=cuda"], "device=cuda: no CUDA GPU is visible here"),
+    (["device=tpu"], "device=tpu: choose auto, cpu, cuda or cuda:N"),
+    (["logger.mode=loud"], "logger.mode=loud: choose one of online, offline, disabled"),
+    (["resume=/no/such/run"], "resume=/no/such/run: no such run folder or checkpoint file"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[a[0] for a, _ in BAD_INPUTS])
+def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = maml_run([*QUICK, *args, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_corrupt_and_mismatched_checkpoints(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    maml_run([*QUICK, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    other = tmp_path / "other"
+    proc = maml_run(
+        [
+            "model.hidden=[8]",
+            f"resume={run_dir / 'checkpoints' / 'last.pt'}",
+            *QUICK,
+            f"hydra.run.dir={other}",
+        ],
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 2 and "model differs" in proc.stderr and "0.weight" in proc.stderr
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes((run_dir / "checkpoints" / "last.pt").read_bytes()[:500])
+    proc = maml_run([f"resume={bad}", *QUICK, f"hydra.run.dir={other}"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "not a readable checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr
