@@ -65,7 +65,6 @@ def evaluate(exp: Experiment, cfg: DictConfig) -> EvalResult:
         exp.test_tasks,
         lr=cfg.inner.lr,
         steps=cfg.inner.eval_steps,
-        batch_size=cfg.eval.batch_size,
     )
 
 
@@ -103,7 +102,7 @@ def write_plots(exp: Experiment, cfg: DictConfig, result: EvalResult, run_dir: P
     }
     num = min(cfg.eval.plot_tasks, result.num_tasks)
     if num and hasattr(exp.family, "curve"):
-        tasks = exp.test_tasks.batches(num)[0]
+        tasks = exp.test_tasks.first(num)
         lo, hi = exp.family.x_min, exp.family.x_max
         grid = torch.linspace(lo, hi, 200, device=exp.device).view(1, -1, 1).expand(num, -1, -1)
         truth = exp.family.curve(tasks.info, grid)
@@ -171,7 +170,6 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
                     exp.val_tasks,
                     lr=cfg.inner.lr,
                     steps=cfg.inner.eval_steps,
-                    batch_size=cfg.eval.batch_size,
                 )
                 return {f"meta_val/{m}": r.mean[m][-1] for m in r.mean}
 

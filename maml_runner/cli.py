@@ -219,7 +219,6 @@ def _evaluate(run: Path, num_tasks, seed, steps, device) -> None:
         exp.test_tasks,
         lr=cfg.inner.lr,
         steps=cfg.inner.eval_steps,
-        batch_size=cfg.eval.batch_size,
     )
     print_result(result, list(cfg.eval.report_steps), cfg.paper)
     out = path.parent / f"eval_step{state['step']}_seed{cfg.eval.seed}_n{cfg.eval.num_tasks}.json"

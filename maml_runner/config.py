@@ -95,6 +95,37 @@ class SinusoidConfig:
 
 
 @dataclass
+class OmniglotConfig:
+    name: str = "omniglot"
+    # N: classes per task
+    n_way: int = 5
+    # K: support examples per class
+    k_shot: int = 1
+    # query examples per class in meta-training
+    query_size: int = 15
+    eval_k_shot: int = 1
+    eval_query_size: int = 15
+    # paper (1200/423 characters at random, as the MAML paper) | background (Lake et al.)
+    split: str = "paper"
+    split_seed: int = 1
+    # show each class of a task at a random multiple of 90° (as the reference code)
+    rotations: bool = True
+    image_size: int = 28
+    # lanczos (anti-aliased) | nearest
+    resample: str = "lanczos"
+
+
+@dataclass
+class DataConfig:
+    # folder with the dataset's archives; null: <cache_dir>/<task name>
+    root: str | None = None
+    # fetch missing archives from the official location (checksummed)
+    download: bool = False
+    # decoded tensors are cached here, keyed by the archives' content
+    cache_dir: str = "~/.cache/maml-runner"
+
+
+@dataclass
 class MLPConfig:
     name: str = "mlp"
     hidden: list[int] = field(default_factory=lambda: [40, 40])
@@ -102,6 +133,19 @@ class MLPConfig:
     activation: str = "relu"
     # torch (PyTorch default) | paper (truncated normal σ=0.01, zero bias, as the reference code)
     init: str = "torch"
+    # batch norm after every hidden layer (per-task batch statistics)
+    batch_norm: bool = False
+
+
+@dataclass
+class Conv4Config:
+    name: str = "conv4"
+    filters: int = 64
+    blocks: int = 4
+    # stride (stride-2 convs, Omniglot) | max_pool (2×2 max-pooling, miniImageNet)
+    downsample: str = "stride"
+    # mean (spatial average, Omniglot in the reference code) | flatten (miniImageNet)
+    head: str = "mean"
 
 
 SCHEMAS: dict[str, Any] = {
@@ -110,12 +154,13 @@ SCHEMAS: dict[str, Any] = {
     "eval": EvalConfig,
     "logger": LoggerConfig,
     "algorithm": AlgorithmConfig,
+    "data": DataConfig,
 }
 
 # Several schemas per group are possible (task families): each is stored as base_<name>.
 GROUP_SCHEMAS: dict[str, dict[str, Any]] = {
-    "task": {"base_sinusoid": SinusoidConfig},
-    "model": {"base_mlp": MLPConfig},
+    "task": {"base_sinusoid": SinusoidConfig, "base_omniglot": OmniglotConfig},
+    "model": {"base_mlp": MLPConfig, "base_conv4": Conv4Config},
 }
 
 

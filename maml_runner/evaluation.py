@@ -64,15 +64,14 @@ def meta_test(
     *,
     lr: float,
     steps: int,
-    batch_size: int,
 ) -> EvalResult:
     """Adapt θ to every task of ``tasks`` for ``steps`` steps; summarise each step's metrics."""
     chunks = [
         adaptation_curve(model, task_loss, params, batch, lr=lr, steps=steps)
-        for batch in tasks.batches(batch_size)
+        for batch in tasks.batches()
     ]
     mean, ci95 = {}, {}
     for name in chunks[0]:
         values = torch.cat([c[name] for c in chunks], dim=1)  # [steps+1, num_tasks]
         mean[f"query_{name}"], ci95[f"query_{name}"] = mean_ci95(values)
-    return EvalResult(list(range(steps + 1)), tasks.tasks.num_tasks, mean, ci95)
+    return EvalResult(list(range(steps + 1)), tasks.num_tasks, mean, ci95)

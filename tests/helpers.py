@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -14,6 +15,13 @@ from omegaconf import DictConfig
 
 import maml_runner.config  # noqa: F401  (registers the schemas)
 from maml_runner.paths import conf_dir
+
+REPO = Path(__file__).resolve().parents[1]
+# The full Omniglot set, beside the checkout (see ../shared/data/omniglot/README.md).
+OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"
+# Decoded-tensor cache shared by test sessions (decoding takes ~7 s once).
+CACHE = Path(tempfile.gettempdir()) / "maml-runner-test-cache"
+DATA = [f"data.root={OMNIGLOT}", f"data.cache_dir={CACHE}"]
 
 # Small, fast settings for end-to-end runs.
 QUICK = [
@@ -31,8 +39,9 @@ QUICK = [
 
 
 def make_config(overrides: list[str]) -> DictConfig:
+    """Compose like a run does; datasets come from the shared copy, cached in a temp folder."""
     with initialize_config_dir(str(conf_dir()), version_base="1.3"):
-        return compose("config", overrides=overrides)
+        return compose("config", overrides=[*DATA, *overrides])
 
 
 def maml_run_command() -> list[str]:

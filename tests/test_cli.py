@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import QUICK, maml_run, read_metrics
+from tests.helpers import DATA, QUICK, maml_run, read_metrics
 
 
 def test_train_writes_the_run_folder(tmp_path: Path) -> None:
@@ -99,7 +99,7 @@ def test_evaluate_and_table_commands(tmp_path: Path) -> None:
 
 
 BAD_INPUTS = [
-    (["task=nope"], "task=nope: unknown task; choose one of sinusoid"),
+    (["task=nope"], "task=nope: unknown task; choose one of omniglot, sinusoid"),
     (["model=resnet"], "model=resnet: unknown model"),
     (["experiment=finn99"], "experiment=finn99: unknown experiment; choose one of"),
     (["k=0"], "k=0: K (support examples per task) must be an integer >= 1"),
@@ -111,6 +111,16 @@ BAD_INPUTS = [
     (["device=tpu"], "device=tpu: choose auto, cpu, cuda or cuda:N"),
     (["logger.mode=loud"], "logger.mode=loud: choose one of online, offline, disabled"),
     (["resume=/no/such/run"], "resume=/no/such/run: no such run folder or checkpoint file"),
+    (
+        ["task=omniglot", "data.root=/no/such"],
+        "data.root=/no/such: images_background.zip is missing",
+    ),
+    (
+        ["task=omniglot", *DATA, "n_way=5000", "k=1"],
+        "task.n_way=5000: n_way=5000 but omniglot/train",
+    ),
+    (["task=omniglot", "k=10"], "task.k_shot + task.query_size = 25, but Omniglot has 20 drawings"),
+    (["model=conv4"], "model=conv4: needs image tasks"),
 ]
 
 
@@ -137,9 +147,41 @@ def test_corrupt_and_mismatched_checkpoints(tmp_path: Path) -> None:
         cwd=tmp_path,
         check=False,
     )
-    assert proc.returncode == 2 and "model differs" in proc.stderr and "0.weight" in proc.stderr
+    assert proc.returncode == 2 and "model differs" in proc.stderr and "0.bias" in proc.stderr
     bad = tmp_path / "bad.pt"
     bad.write_bytes((run_dir / "checkpoints" / "last.pt").read_bytes()[:500])
     proc = maml_run([f"resume={bad}", *QUICK, f"hydra.run.dir={other}"], cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "not a readable checkpoint" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_omniglot_conv4_end_to_end(tmp_path: Path) -> None:
+    """The real Omniglot set, conv4, a few meta-iterations: accuracy metrics reach metrics.json."""
+    run_dir = tmp_path / "run"
+    args = [
+        "task=omniglot",
+        "model=conv4",
+        "k=1",
+        "n_way=5",
+        "inner.lr=0.4",
+        "inner.eval_steps=2",
+        "eval.report_steps=[0,1,2]",
+        "trainer.meta_batch_size=2",
+        "eval.batch_size=10",
+    ]
+    maml_run(
+        [
+            *QUICK,
+            *DATA,
+            *args,
+            "trainer.steps=4",
+            "trainer.val_every=0",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+    )
+    test = read_metrics(run_dir)["meta_test"]
+    assert test["num_tasks"] == 20 and test["inner_steps"] == [0, 1, 2]
+    acc = test["query_acc"]["mean"]
+    assert all(0.0 <= a <= 1.0 for a in acc) and len(test["query_acc"]["ci95"]) == 3
+    assert acc[2] > 0.3, "two inner steps on 5-way tasks beat chance (0.2) even untrained"

@@ -9,6 +9,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from maml_runner.build import build, build_optimizer
+from maml_runner.errors import UserError
 from maml_runner.paths import conf_dir
 from tests.helpers import make_config
 
@@ -18,6 +19,9 @@ OPTIONS = [
     for group in sorted(p for p in CONF.iterdir() if p.is_dir())
     for path in sorted(group.glob("*.yaml"))
 ]
+
+TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
+MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
 
 def test_options_are_found() -> None:
@@ -39,18 +43,49 @@ def test_options_are_found() -> None:
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_builds(group: str, option: str) -> None:
-    cfg = make_config(
-        [f"{group}={option}", "device=cpu", "eval.num_tasks=5", "trainer.val_tasks=5"]
-    )
-    OmegaConf.resolve(cfg)
-    exp = build(cfg)
+    base = [f"{group}={option}", "device=cpu", "eval.num_tasks=5", "trainer.val_tasks=5"]
+    # A model option is built with the first task family it fits (image models need images).
+    tasks = TASKS if group == "model" else [None]
+    for task in tasks:
+        cfg = make_config(base + ([f"task={task}", "trainer.meta_batch_size=4"] if task else []))
+        OmegaConf.resolve(cfg)
+        try:
+            exp = build(cfg)
+            break
+        except UserError:
+            if task == tasks[-1]:
+                raise
     optimizer = build_optimizer(cfg.outer, exp.model)
     batch = exp.stream.batch(0)
     assert batch.num_tasks == cfg.trainer.meta_batch_size
-    assert batch.support_x.shape[1] == cfg.task.k_shot
+    ways = cfg.task.get("n_way", 1)  # classification: N*K support examples per task
+    assert batch.support_x.shape[1] == ways * cfg.task.k_shot
     loss = exp.learner.outer_loss(dict(exp.model.named_parameters()), batch)
     loss.backward()
     optimizer.step()
+    assert loss.isfinite()
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_model_pair_builds_or_says_why_not(task: str, model: str) -> None:
+    cfg = make_config(
+        [
+            f"task={task}",
+            f"model={model}",
+            "device=cpu",
+            "eval.num_tasks=4",
+            "trainer.val_tasks=4",
+            "trainer.meta_batch_size=2",
+            "k=1",
+        ]
+    )
+    try:
+        exp = build(cfg)
+    except UserError as err:
+        assert f"model={model}" in str(err) and "\n" not in str(err)
+        return
+    loss = exp.learner.outer_loss(dict(exp.model.named_parameters()), exp.stream.batch(0))
     assert loss.isfinite()
 
 

@@ -3,11 +3,18 @@
 ``batched_forward(model, params, x)`` evaluates ``model`` on ``x`` of shape ``[T, N, ...]`` with
 ``params[name]`` of shape ``[T, *param.shape]`` (task ``t`` uses slice ``t``). The model stays a
 plain ``nn.Module``: this module reads its structure and calls one batched kernel per layer
-(``baddbmm`` for a linear layer), so a meta-batch costs the same number of kernel launches as one
-task. That, not FLOPs, is what decides speed at MAML's sizes, where each op costs 5-30 µs.
+(``baddbmm`` for a linear layer, a grouped convolution for a conv layer), so a meta-batch costs
+the same number of kernel launches as one task. That, not FLOPs, is what decides speed at
+MAML's sizes, where each op costs 5-30 µs.
+
+Image layers work on the ``[N, T*C, H, W]`` memory layout that a grouped convolution produces:
+each layer takes ``[T, N, C, H, W]`` *views* of it, so convolution, batch norm, ReLU and pooling
+chain without copies. Batch norm normalises each task with its own batch statistics (no running
+averages), in training and at test, as the paper's reference code did: it is one
+``F.batch_norm`` call over ``T*C`` channels.
 
 Layers are dispatched on their type through ``BATCHED_LAYERS``; a model built from other layers
-gets an error naming the layer. Parameter-free element-wise layers run on ``[T*N, ...]``.
+gets an error naming the layer.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 Params = dict[str, Tensor]
@@ -30,6 +38,68 @@ def _linear(layer: nn.Linear, params: Params, prefix: str, x: Tensor) -> Tensor:
     else:
         out = torch.baddbmm(params[prefix + "bias"].unsqueeze(1), h, weight)
     return out if x.dim() == 3 else out.reshape(*shape[:-1], weight.shape[2])
+
+
+def _channels_last_task(x: Tensor) -> Tensor:
+    """``[T, N, C, ...]`` → ``[N, T*C, ...]`` (a view when x came from a batched image layer)."""
+    t, n, c = x.shape[:3]
+    return x.transpose(0, 1).reshape(n, t * c, *x.shape[3:])
+
+
+def _tasks_first(x: Tensor, num_tasks: int) -> Tensor:
+    """``[N, T*C, ...]`` → a ``[T, N, C, ...]`` view."""
+    n, tc = x.shape[:2]
+    return x.view(n, num_tasks, tc // num_tasks, *x.shape[2:]).transpose(0, 1)
+
+
+def _conv2d(layer: nn.Conv2d, params: Params, prefix: str, x: Tensor) -> Tensor:
+    weight = params[prefix + "weight"]  # [T, O, C/g, kh, kw]
+    t = weight.shape[0]
+    bias = params.get(prefix + "bias") if layer.bias is not None else None
+    out = F.conv2d(
+        _channels_last_task(x),
+        weight.reshape(-1, *weight.shape[2:]),
+        None if bias is None else bias.reshape(-1),
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        groups=t * layer.groups,
+    )
+    return _tasks_first(out, t)
+
+
+def _batch_norm(layer: nn.modules.batchnorm._BatchNorm, params: Params, prefix: str, x: Tensor):
+    t = x.shape[0]
+    weight = params.get(prefix + "weight") if layer.affine else None
+    bias = params.get(prefix + "bias") if layer.affine else None
+    out = F.batch_norm(
+        _channels_last_task(x),
+        None,
+        None,
+        None if weight is None else weight.reshape(-1),
+        None if bias is None else bias.reshape(-1),
+        training=True,
+        eps=layer.eps,
+    )
+    return _tasks_first(out, t)
+
+
+def _max_pool2d(layer: nn.MaxPool2d, params: Params, prefix: str, x: Tensor) -> Tensor:
+    out = F.max_pool2d(
+        _channels_last_task(x),
+        layer.kernel_size,
+        layer.stride,
+        layer.padding,
+        layer.dilation,
+        ceil_mode=layer.ceil_mode,
+    )
+    return _tasks_first(out, x.shape[0])
+
+
+def _global_avg_pool(layer: nn.AdaptiveAvgPool2d, params: Params, prefix: str, x: Tensor):
+    if layer.output_size not in (1, (1, 1)):
+        raise TypeError(f"layer {prefix.rstrip('.')}: only AdaptiveAvgPool2d(1) is batched")
+    return x.mean(dim=(-2, -1), keepdim=True)
 
 
 def _pointwise(layer: nn.Module, params: Params, prefix: str, x: Tensor) -> Tensor:
@@ -52,6 +122,11 @@ def _sequential(layer: nn.Sequential, params: Params, prefix: str, x: Tensor) ->
 BATCHED_LAYERS: dict[type[nn.Module], LayerFn] = {
     nn.Sequential: _sequential,
     nn.Linear: _linear,
+    nn.Conv2d: _conv2d,
+    nn.BatchNorm1d: _batch_norm,
+    nn.BatchNorm2d: _batch_norm,
+    nn.MaxPool2d: _max_pool2d,
+    nn.AdaptiveAvgPool2d: _global_avg_pool,
     nn.Flatten: _flatten,
     nn.ReLU: _pointwise,
     nn.Tanh: _pointwise,

@@ -1,4 +1,5 @@
-"""Fully connected network: the paper's sinusoid regressor (1-40-40-1, ReLU)."""
+"""Fully connected network: the paper's sinusoid regressor (1-40-40-1, ReLU) and its no-conv
+Omniglot baseline (784-256-128-64-64-N with batch norm)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ class MLP(nn.Sequential):
         activation: one of ``relu``, ``tanh``, ``elu``.
         init: ``torch`` (PyTorch's default) or ``paper`` (weights from a normal with σ=0.01
             truncated at 2σ, biases zero: the reference code's initialisation).
+        batch_norm: batch norm (per-task batch statistics) after every hidden linear layer.
+        flatten: flatten image inputs ``[..., C, H, W]`` first (``in_features = C*H*W``).
     """
 
     def __init__(
@@ -29,12 +32,16 @@ class MLP(nn.Sequential):
         hidden: Sequence[int] = (40, 40),
         activation: str = "relu",
         init: str = "torch",
+        batch_norm: bool = False,
+        flatten: bool = False,
     ) -> None:
         sizes = [in_features, *hidden, out_features]
-        layers: list[nn.Module] = []
+        layers: list[nn.Module] = [nn.Flatten()] if flatten else []
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             layers.append(nn.Linear(fan_in, fan_out))
             if i < len(sizes) - 2:
+                if batch_norm:
+                    layers.append(nn.BatchNorm1d(fan_out, track_running_stats=False))
                 layers.append(ACTIVATIONS[activation]())
         super().__init__(*layers)
         if init == "paper":

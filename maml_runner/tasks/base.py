@@ -8,6 +8,7 @@ uninterrupted run would, with no sampler state to save.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
 import torch
@@ -79,7 +80,12 @@ class TaskStream:
 
 
 class FixedTasks:
-    """A fixed set of tasks (validation or meta-test), drawn once from its own seed."""
+    """A fixed set of tasks (validation or meta-test), drawn from its own seed.
+
+    Tasks are drawn in chunks of ``chunk`` tasks, chunk ``i`` from a generator seeded by
+    ``(seed, i)``, so the set depends on ``(seed, chunk)`` only. Small sets (regression) are
+    kept in memory; large ones (images) are redrawn, identically, each time they are used.
+    """
 
     def __init__(
         self,
@@ -90,21 +96,38 @@ class FixedTasks:
         query_size: int,
         seed: int,
         device: torch.device,
+        chunk: int | None = None,
+        keep: bool = True,
     ) -> None:
-        self.tasks = family.sample(
-            num_tasks, make_generator(seed, device), k_shot=k_shot, query_size=query_size
+        self.family, self.num_tasks, self.k_shot, self.query_size = (
+            family,
+            num_tasks,
+            k_shot,
+            query_size,
         )
+        self.seed, self.device = seed, device
+        self.chunk = min(chunk or num_tasks, num_tasks)
+        self._kept: list[TaskBatch] | None = [] if keep else None
 
-    def batches(self, size: int) -> list[TaskBatch]:
-        """Split the set into meta-batches of at most ``size`` tasks (bounds memory)."""
-        t = self.tasks
-        out = []
-        for lo in range(0, t.num_tasks, size):
-            hi = lo + size
-            info = None if t.info is None else {k: v[lo:hi] for k, v in t.info.items()}
-            out.append(
-                TaskBatch(
-                    t.support_x[lo:hi], t.support_y[lo:hi], t.query_x[lo:hi], t.query_y[lo:hi], info
-                )
+    def batches(self) -> Iterator[TaskBatch]:
+        """The set, ``chunk`` tasks at a time (the last chunk may be smaller)."""
+        if self._kept:
+            yield from self._kept
+            return
+        for index, lo in enumerate(range(0, self.num_tasks, self.chunk)):
+            size = min(self.chunk, self.num_tasks - lo)
+            generator = make_generator(self.seed + (index << 32), self.device)
+            batch = self.family.sample(
+                size, generator, k_shot=self.k_shot, query_size=self.query_size
             )
-        return out
+            if self._kept is not None:
+                self._kept.append(batch)
+            yield batch
+
+    def first(self, num: int) -> TaskBatch:
+        """The first ``num`` tasks of the set (for plots)."""
+        b = next(iter(self.batches()))
+        info = None if b.info is None else {k: v[:num] for k, v in b.info.items()}
+        return TaskBatch(
+            b.support_x[:num], b.support_y[:num], b.query_x[:num], b.query_y[:num], info
+        )
