@@ -126,6 +126,8 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     exp = build(cfg)
+    if cfg.trainer.num_threads is not None:
+        torch.set_num_threads(cfg.trainer.num_threads)
     optimizer = build_optimizer(cfg.outer, exp.model)
     params = dict(exp.model.named_parameters())
     resolved = OmegaConf.to_container(cfg, resolve=True)

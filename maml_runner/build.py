@@ -70,6 +70,8 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "trainer.meta_batch_size", "trainer.log_every", "trainer.val_tasks")
     _positive(cfg, "trainer.steps", "trainer.val_every", "trainer.checkpoint_every", minimum=0)
     _positive(cfg, "inner.steps", "inner.eval_steps", minimum=0)
+    if cfg.trainer.num_threads is not None:
+        _positive(cfg, "trainer.num_threads")
     _positive(cfg, "eval.num_tasks", "eval.batch_size")
     _positive(cfg, "eval.plot_tasks", minimum=0)
     _require(cfg.inner.lr >= 0, "inner.lr", cfg.inner.lr, "the inner step size must be >= 0")

@@ -198,7 +198,10 @@ def _evaluate(run: Path, num_tasks, seed, steps, device) -> None:
 
     path = checkpoint.resolve(run)
     state = checkpoint.load(path)
-    cfg = OmegaConf.create(state["config"])
+    saved = OmegaConf.create(state["config"])
+    # Keys added to the configs since the run default to today's values; the run's own win.
+    groups = [f"task={saved.task.name}", f"model={saved.model.name}"]
+    cfg = OmegaConf.merge(compose(groups), saved)
     updates = {
         "eval.num_tasks": num_tasks,
         "eval.seed": seed,

@@ -42,6 +42,9 @@ class TrainerConfig:
     log_every: int = 100
     # show a live progress display
     progress: bool = True
+    # CPU threads for torch (null: torch's default, one per core). 1 suits small models: their
+    # ops are too short to split, and idle threads spinning beside another job slow both
+    num_threads: int | None = 1
 
 
 @dataclass

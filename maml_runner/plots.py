@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,12 +36,15 @@ def adaptation_curves(
         (line,) = ax.plot(result.inner_steps, mean, marker="o", ms=3, label=label)
         ax.fill_between(result.inner_steps, mean - ci, mean + ci, alpha=0.2, color=line.get_color())
     for label, (steps, values) in (paper or {}).items():
-        ax.plot(steps, values, ls="none", marker="x", ms=8, label=f"{label} (paper)")
+        ax.plot(steps, values, ls="none", marker="x", ms=8, color="black", label=f"paper: {label}")
+    lows = [v for r in curves.values() for v in r.mean[metric] if math.isfinite(v) and v > 0]
+    if metric == "query_loss" and lows and max(lows) > 20 * min(lows):
+        ax.set_yscale("log")  # one diverging run must not flatten the others
     ax.set_xlabel("inner gradient steps at meta-test")
     ax.set_ylabel(LABELS.get(metric, metric))
     ax.set_title(title or "adaptation on held-out tasks (mean ± 95% CI)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -46,6 +46,10 @@ def _steps(runs: list[Run]) -> list[int]:
     return [s for s in (0, 1, 5, 10) if s < longest]
 
 
+def _number(value: float) -> str:
+    return f"{value:.3f}" if abs(value) < 1000 else f"{value:.2g}"
+
+
 def markdown_table(runs: list[Run], metric: str = "query_loss") -> str:
     """One row per run: metric (mean ± 95% CI) after each reported step, and the paper's value."""
     steps = _steps(runs)
@@ -65,7 +69,7 @@ def markdown_table(runs: list[Run], metric: str = "query_loss") -> str:
         for s in steps:
             if metric in result.mean and s < len(result.inner_steps):
                 mean, ci = result.at(metric, s)
-                cells.append(f"{mean:.3f} ± {ci:.3f}")
+                cells.append(f"{_number(mean)} ± {_number(ci)}")
             else:
                 cells.append("")
         cells += [f"{paper_values[s]:.2f}" if s in paper_values else "" for s in steps]
@@ -86,5 +90,5 @@ def plot_runs(runs: list[Run], path: Path, metric: str = "query_loss") -> Path:
     for run in runs:
         p = run.metrics.get("paper")
         if p and p.get("metric") == metric:
-            paper[run.label] = (p["steps"], p["mean"])
+            paper[p.get("source", run.label)] = (p["steps"], p["mean"])
     return adaptation_curves(curves, path, metric=metric, paper=paper)

@@ -12,7 +12,7 @@ import math
 import signal
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -126,7 +126,7 @@ def fit(
     Raises:
         Diverged: the loss or θ stopped being finite; the last good checkpoint is kept.
     """
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, log_path=False)
     step, loss_sum, count = start_step, torch.zeros((), device=stream.device), 0
     clock, clock_step = time.perf_counter(), start_step
     interrupted = False
@@ -138,7 +138,7 @@ def fit(
 
     started = time.perf_counter()
     bar = _progress(console) if progress else None
-    with _catch_signals() as received, bar if bar is not None else _nullcontext():
+    with _catch_signals() as received, bar if bar is not None else nullcontext():
         task = bar.add_task("train", total=steps, completed=step, speed="-", loss="-") if bar else 0
         while step < steps:
             loss = learner.outer_loss(params, stream.batch(step))
@@ -160,7 +160,7 @@ def fit(
                 loss_sum.zero_()
                 count = 0
                 if bar is not None:
-                    bar.update(task, completed=step, speed=f"{speed:.0f}", loss=f"{mean:.4f}")
+                    bar.update(task, completed=step, speed=f"{speed:.3g}", loss=f"{mean:.4f}")
             if validate is not None and val_every and step % val_every == 0:
                 metrics = validate()
                 tracker.log(metrics, step)
@@ -189,8 +189,3 @@ def fit(
         it_per_s=done / elapsed if elapsed > 0 else 0.0,
         best=best,
     )
-
-
-@contextmanager
-def _nullcontext() -> Iterator[None]:
-    yield

@@ -43,11 +43,18 @@ def test_options_are_found() -> None:
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_builds(group: str, option: str) -> None:
-    base = [f"{group}={option}", "device=cpu", "eval.num_tasks=5", "trainer.val_tasks=5"]
+    # Small meta-batches keep the conv presets fast; everything else is the option's own.
+    base = [
+        f"{group}={option}",
+        "device=cpu",
+        "eval.num_tasks=5",
+        "trainer.val_tasks=5",
+        "trainer.meta_batch_size=2",
+    ]
     # A model option is built with the first task family it fits (image models need images).
     tasks = TASKS if group == "model" else [None]
     for task in tasks:
-        cfg = make_config(base + ([f"task={task}", "trainer.meta_batch_size=4"] if task else []))
+        cfg = make_config(base + ([f"task={task}"] if task else []))
         OmegaConf.resolve(cfg)
         try:
             exp = build(cfg)
@@ -93,7 +100,8 @@ def test_every_task_model_pair_builds_or_says_why_not(task: str, model: str) -> 
 def test_preset_opens_with_its_command_and_source(path) -> None:
     lines = path.read_text().splitlines()
     assert lines[0] == "# @package _global_"
-    assert lines[1] == f"# maml-run experiment={path.stem}"
+    assert lines[1].startswith(f"# maml-run experiment={path.stem}")
+    assert lines[1] == f"# maml-run experiment={path.stem}" or " data.root=" in lines[1]
     header = "\n".join(line for line in lines if line.startswith("#"))
     assert "Finn" in header, "each preset cites the paper (or another source) in its header"
 
