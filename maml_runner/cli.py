@@ -9,7 +9,6 @@ Two forms:
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -193,8 +192,8 @@ def _evaluate(run: Path, num_tasks, seed, steps, device) -> None:
 
     from maml_runner import checkpoint
     from maml_runner.app import console, print_result
+    from maml_runner.app import evaluate as run_meta_test
     from maml_runner.build import build
-    from maml_runner.evaluation import meta_test
 
     path = checkpoint.resolve(run)
     state = checkpoint.load(path)
@@ -215,14 +214,7 @@ def _evaluate(run: Path, num_tasks, seed, steps, device) -> None:
     exp = build(cfg)
     checkpoint.check_model(exp.model, state, str(run))
     exp.model.load_state_dict(state["model"])
-    result = meta_test(
-        exp.model,
-        exp.task_loss,
-        dict(exp.model.named_parameters()),
-        exp.test_tasks,
-        lr=cfg.inner.lr,
-        steps=cfg.inner.eval_steps,
-    )
+    result = run_meta_test(exp, cfg)
     print_result(result, list(cfg.eval.report_steps), cfg.paper)
     out = path.parent / f"eval_step{state['step']}_seed{cfg.eval.seed}_n{cfg.eval.num_tasks}.json"
     out.write_text(
@@ -261,7 +253,4 @@ def main() -> None:
     args = sys.argv[1:]
     if not args or args[0] not in (*COMMANDS, "-h", "--help"):
         args = ["train", *args]
-    if os.environ.get("MAML_RUNNER_TRACEBACK"):
-        app(args=args, prog_name="maml-run")
-    else:
-        app(args=args, prog_name="maml-run", standalone_mode=True)
+    app(args=args, prog_name="maml-run")
