@@ -115,9 +115,10 @@ def validate(cfg: DictConfig) -> None:
             list(m.hidden),
             "layer sizes must be >= 1",
         )
+    if cfg.task.name in ("omniglot", "miniimagenet"):
+        _positive(cfg, "task.n_way", "task.image_size")
     if cfg.task.name == "omniglot":
         t = cfg.task
-        _positive(cfg, "task.n_way", "task.image_size")
         _require(t.split in SPLITS, "task.split", t.split, f"choose one of {', '.join(SPLITS)}")
         for shot, query in (("k_shot", "query_size"), ("eval_k_shot", "eval_query_size")):
             total = t[shot] + t[query]
@@ -192,14 +193,43 @@ def build_families(cfg: DictConfig, device: torch.device) -> dict[str, TaskFamil
         images = data.images.unsqueeze(2).to(device)  # [characters, 20, 1, S, S] uint8
         families = {}
         for split, index in splits.items():
-            try:
-                families[split] = ImageClasses(
-                    images[index.to(device)], task.n_way, task.rotations, f"omniglot/{split}"
-                )
-            except ValueError as err:
-                raise UserError(f"task.n_way={task.n_way}: {err}") from None
+            families[split] = _image_classes(
+                images[index.to(device)], task, task.rotations, f"omniglot/{split}"
+            )
         return families
-    raise UserError(f"task.name={task.name}: choose one of sinusoid, omniglot")
+    if task.name == "miniimagenet":
+        from maml_runner.data.miniimagenet import load_miniimagenet
+
+        cache_dir = Path(cfg.data.cache_dir).expanduser()
+        root = cfg.data.root
+        if root is None and (cache_dir / "miniimagenet").is_dir():
+            root = cache_dir / "miniimagenet"
+        splits = load_miniimagenet(
+            None if root is None else Path(root).expanduser(),
+            cache_dir=cache_dir,
+            image_size=task.image_size,
+        )
+        return {
+            split: _image_classes(images.to(device), task, False, f"miniimagenet/{split}")
+            for split, images in splits.items()
+        }
+    raise UserError(f"task.name={task.name}: choose one of sinusoid, omniglot, miniimagenet")
+
+
+def _image_classes(images: torch.Tensor, task: DictConfig, rotations: bool, name: str):
+    """One split's ``ImageClasses``, refusing N or K+Q that the split cannot supply."""
+    try:
+        family = ImageClasses(images, task.n_way, rotations, name)
+    except ValueError as err:
+        raise UserError(f"task.n_way={task.n_way}: {err}") from None
+    for shot, query in (("k_shot", "query_size"), ("eval_k_shot", "eval_query_size")):
+        total = task[shot] + task[query]
+        if total > family.examples_per_class:
+            raise UserError(
+                f"task.{shot}={task[shot]}: task.{shot} + task.{query} = {total}, but {name} "
+                f"has {family.examples_per_class} examples per class; lower one of them"
+            )
+    return family
 
 
 def build_model(model: DictConfig, family: TaskFamily) -> nn.Module:

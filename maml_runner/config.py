@@ -119,6 +119,17 @@ class OmniglotConfig:
 
 
 @dataclass
+class MiniImageNetConfig:
+    name: str = "miniimagenet"
+    n_way: int = 5
+    k_shot: int = 1
+    query_size: int = 15
+    eval_k_shot: int = 1
+    eval_query_size: int = 15
+    image_size: int = 84
+
+
+@dataclass
 class DataConfig:
     # folder with the dataset's archives; null: <cache_dir>/<task name>
     root: str | None = None
@@ -162,7 +173,11 @@ SCHEMAS: dict[str, Any] = {
 
 # Several schemas per group are possible (task families): each is stored as base_<name>.
 GROUP_SCHEMAS: dict[str, dict[str, Any]] = {
-    "task": {"base_sinusoid": SinusoidConfig, "base_omniglot": OmniglotConfig},
+    "task": {
+        "base_sinusoid": SinusoidConfig,
+        "base_omniglot": OmniglotConfig,
+        "base_miniimagenet": MiniImageNetConfig,
+    },
     "model": {"base_mlp": MLPConfig, "base_conv4": Conv4Config},
 }
 

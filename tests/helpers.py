@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
@@ -19,9 +21,41 @@ from maml_runner.paths import conf_dir
 REPO = Path(__file__).resolve().parents[1]
 # The full Omniglot set, beside the checkout (see ../shared/data/omniglot/README.md).
 OMNIGLOT = REPO.parent / "shared" / "data" / "omniglot"
-# Decoded-tensor cache shared by test sessions (decoding takes ~7 s once).
-CACHE = Path(tempfile.gettempdir()) / "maml-runner-test-cache"
-DATA = [f"data.root={OMNIGLOT}", f"data.cache_dir={CACHE}"]
+# Data folder of the tests (data.cache_dir): omniglot/ links to the shared copy, miniimagenet/
+# is a small generated stand-in (no copy exists on these machines); decoded tensors are cached
+# here across test sessions (Omniglot decodes in ~7 s once).
+CACHE = Path(tempfile.gettempdir()) / "maml-runner-test-data"
+DATA = [f"data.cache_dir={CACHE}"]
+
+
+def _prepare_data() -> None:
+    """Lay out CACHE: the Omniglot link and a miniImageNet pickle fixture big enough for the
+    presets (6 classes per split, 20 images each: 5-way tasks with K + 15 <= 20)."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    link = CACHE / "omniglot"
+    if not link.exists():
+        link.symlink_to(OMNIGLOT)
+    mini = CACHE / "miniimagenet"
+    if (mini / "mini-imagenet-cache-test.pkl").exists():
+        return
+    mini.mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    for number, split in enumerate(("train", "val", "test")):
+        classes, per_class = 6, 20
+        data = {
+            "image_data": rng.integers(0, 256, (classes * per_class, 84, 84, 3), dtype=np.uint8),
+            "class_dict": {
+                f"n{number}{c:07d}": list(range(c * per_class, (c + 1) * per_class))
+                for c in range(classes)
+            },
+        }
+        tmp = mini / f"mini-imagenet-cache-{split}.pkl.tmp"
+        with open(tmp, "wb") as f:
+            pickle.dump(data, f)
+        os.replace(tmp, mini / f"mini-imagenet-cache-{split}.pkl")
+
+
+_prepare_data()
 
 # Small, fast settings for end-to-end runs.
 QUICK = [

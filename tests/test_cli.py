@@ -99,7 +99,7 @@ def test_evaluate_and_table_commands(tmp_path: Path) -> None:
 
 
 BAD_INPUTS = [
-    (["task=nope"], "task=nope: unknown task; choose one of omniglot, sinusoid"),
+    (["task=nope"], "task=nope: unknown task; choose one of miniimagenet, omniglot, sinusoid"),
     (["model=resnet"], "model=resnet: unknown model"),
     (["experiment=finn99"], "experiment=finn99: unknown experiment; choose one of"),
     (["k=0"], "k=0: K (support examples per task) must be an integer >= 1"),
@@ -121,6 +121,10 @@ BAD_INPUTS = [
     ),
     (["task=omniglot", "k=10"], "task.k_shot + task.query_size = 25, but Omniglot has 20 drawings"),
     (["model=conv4"], "model=conv4: needs image tasks"),
+    (
+        ["task=miniimagenet", "data.cache_dir=/no/such/cache"],
+        "data.root=null: miniImageNet is not downloadable automatically",
+    ),
 ]
 
 

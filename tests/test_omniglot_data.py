@@ -29,7 +29,6 @@ from maml_runner.data.omniglot import (
     background_split,
     load_omniglot,
     paper_split,
-    with_rotations,
 )
 from maml_runner.errors import UserError
 
@@ -347,10 +346,6 @@ def test_paper_split() -> None:
     assert sorted(everything.tolist()) == list(range(1623))  # disjoint and covering
     assert all(torch.equal(split[k], paper_split()[k]) for k in split)  # fixed seed
     assert not torch.equal(split["train"], paper_split(seed=2)["train"])
-    rotated = with_rotations(split["train"])
-    assert rotated.shape == (4400, 2) and rotated.dtype == torch.long
-    assert rotated[:4].tolist() == [[int(split["train"][0]), k] for k in range(4)]
-    assert len({tuple(r) for r in rotated.tolist()}) == 4400
     with pytest.raises(UserError, match="data.num_train"):
         paper_split(num_train=2000)
 

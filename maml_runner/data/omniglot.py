@@ -21,8 +21,8 @@ Pillow ignores the filter for mode ``"1"`` and uses nearest-neighbour, so its im
 ``resample="nearest"`` reproduces that exactly.
 
 Splits (``paper_split``, ``background_split``) are LongTensors of character indices into
-``images``. Rotations by 90, 180 and 270 degrees as extra classes (MAML paper, after Santoro et al.
-2016) are the task sampler's job; ``with_rotations`` lists the ``(character, k)`` pairs.
+``images``. Rotations by 90, 180 and 270 degrees (MAML paper, after Santoro et al. 2016) are the
+task sampler's job (``tasks.classification.ImageClasses``).
 
 References:
     Lake, Salakhutdinov & Tenenbaum (2015), "Human-level concept learning through probabilistic
@@ -336,7 +336,7 @@ def paper_split(
     an ``os.listdir`` order, so the exact characters of its split cannot be recovered.
 
     Rotations are not applied here: the task sampler adds the 90/180/270 degree rotations of
-    each character as new classes (see ``with_rotations``).
+    each class of a task (see ``tasks.classification.ImageClasses``).
 
     Returns:
         ``{"train", "val", "test"}``: LongTensors of character indices (in shuffled order).
@@ -351,18 +351,6 @@ def paper_split(
     perm = torch.tensor(order, dtype=torch.long)
     cut = num_train - num_val
     return {"train": perm[:cut], "val": perm[cut:num_train], "test": perm[num_train:]}
-
-
-def with_rotations(indices: torch.Tensor) -> torch.Tensor:
-    """Every character of ``indices`` in 4 rotations: ``[4 * len, 2]`` rows ``(character, k)``.
-
-    ``k`` in 0..3 means ``torch.rot90(image, k, dims=(-2, -1))`` (k * 90 degrees
-    counter-clockwise); rows are character-major: ``(c0, 0), (c0, 1), ..., (c1, 0), ...``.
-    """
-    indices = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-    return torch.stack(
-        [indices.repeat_interleave(4), torch.arange(4).repeat(indices.numel())], dim=1
-    )
 
 
 def background_split(
