@@ -85,7 +85,7 @@ def print_result(result: EvalResult, report_steps: list[int], paper: dict | None
             f"{result.mean[m][step]:.4f} ± {result.ci95[m][step]:.4f}" for m in metrics
         ]
         if paper:
-            row.append(f"{paper_values[step]:.2f}" if step in paper_values else "")
+            row.append(f"{paper_values[step]:.3g}" if step in paper_values else "")
         table.add_row(*row)
     console.print(table)
 
@@ -211,7 +211,7 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
             raise SystemExit(130)
         console.print(
             f"meta-trained {fitted.step} steps in {fitted.train_time:.1f} s "
-            f"({fitted.it_per_s:.0f} it/s this session) on {device_name(exp.device)}"
+            f"({fitted.it_per_s:.3g} it/s this session) on {device_name(exp.device)}"
         )
 
         result = evaluate(exp, cfg)
