@@ -33,7 +33,9 @@ def _prepare_data() -> None:
     presets (6 classes per split, 20 images each: 5-way tasks with K + 15 <= 20)."""
     CACHE.mkdir(parents=True, exist_ok=True)
     link = CACHE / "omniglot"
-    if not link.exists():
+    if link.is_symlink() and link.readlink() != OMNIGLOT:
+        link.unlink()  # left by a checkout elsewhere (or one since removed)
+    if not link.is_symlink():
         link.symlink_to(OMNIGLOT)
     mini = CACHE / "miniimagenet"
     if (mini / "mini-imagenet-cache-test.pkl").exists():
