@@ -189,3 +189,24 @@ def test_omniglot_conv4_end_to_end(tmp_path: Path) -> None:
     acc = test["query_acc"]["mean"]
     assert all(0.0 <= a <= 1.0 for a in acc) and len(test["query_acc"]["ci95"]) == 3
     assert acc[2] > 0.3, "two inner steps on 5-way tasks beat chance (0.2) even untrained"
+
+
+def test_a_table_config_runs_its_cells_as_a_multirun(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    short = ["trainer.steps=20", "trainer.val_every=0", "eval.num_tasks=10", "trainer.log_every=10"]
+    maml_run(
+        [
+            "table=finn17_sinusoid",
+            *short,
+            "logger.mode=disabled",
+            "trainer.progress=false",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+    )
+    runs = [read_metrics(p.parent) for p in sweep.glob("*/metrics.json")]
+    assert sorted((r["experiment"], r["seed"]) for r in runs) == [
+        (e, s) for e in ("finn17_sinusoid", "finn17_sinusoid_pretrain") for s in (0, 1, 2)
+    ]
+    out = maml_run(["table", str(sweep)], cwd=tmp_path).stdout
+    assert out.count("| finn17_sinusoid") == 6 and "0.67" in out and "2.41" in out

@@ -122,3 +122,12 @@ def test_paper_preset_pins_the_paper() -> None:
     assert list(cfg.paper.mean) == [0.67, 0.38, 0.35]
     pre = make_config(["experiment=finn17_sinusoid_pretrain"])
     assert pre.algorithm.name == "pretrain" and list(pre.paper.mean) == [2.41, 2.23, 2.19]
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "table").glob("*.yaml")), ids=lambda p: p.stem)
+def test_table_sweeps_existing_presets(path) -> None:
+    table = OmegaConf.load(path)
+    assert table.hydra.mode == "MULTIRUN"
+    presets = str(table.hydra.sweeper.params.experiment).split(",")
+    assert presets and all((CONF / "experiment" / f"{p}.yaml").is_file() for p in presets)
+    assert path.read_text().splitlines()[1].startswith(f"# maml-run table={path.stem}")
