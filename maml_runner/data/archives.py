@@ -62,7 +62,7 @@ def read_checksum_file(path: str | Path) -> dict[str, str]:
 
 
 @contextmanager
-def _atomic_file(dest: Path) -> Iterator[object]:
+def atomic_file(dest: Path) -> Iterator[object]:
     """Yield a binary file beside ``dest``; rename it onto ``dest`` only if the block succeeds."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
@@ -128,7 +128,7 @@ def download(url: str, dest: str | Path, md5: str | None = None, *, timeout: flo
     dest = Path(dest)
     h = hashlib.md5()
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, _atomic_file(dest) as f:
+        with urllib.request.urlopen(url, timeout=timeout) as response, atomic_file(dest) as f:
             length = response.headers.get("Content-Length")
             advance, close = _progress(int(length) if length else None, dest.name)
             try:

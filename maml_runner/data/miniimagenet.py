@@ -41,9 +41,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
-import os
 import pickle
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -52,6 +50,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from maml_runner.data import archives
 from maml_runner.errors import UserError
 
 if TYPE_CHECKING:
@@ -230,16 +229,9 @@ def _load_cache(path: Path, image_size: int) -> dict[str, torch.Tensor] | None:
 
 
 def _save_cache(path: Path, splits: dict[str, torch.Tensor], classes: dict[str, list[str]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, "images": splits, "classes": classes}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with archives.atomic_file(path) as f:
+        torch.save(state, f)
 
 
 def decode(

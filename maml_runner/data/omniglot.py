@@ -37,10 +37,8 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 import random
 import re
-import tempfile
 import time
 import zipfile
 from collections.abc import Mapping, Sequence
@@ -238,7 +236,6 @@ def _load_cache(path: Path, image_size: int) -> OmniglotData | None:
 
 
 def _save_cache(path: Path, data: OmniglotData) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "format": FORMAT,
         "images": data.images,
@@ -246,14 +243,8 @@ def _save_cache(path: Path, data: OmniglotData) -> None:
         "character_ids": data.character_ids,
         "background": data.background,
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with archives.atomic_file(path) as f:
+        torch.save(state, f)
 
 
 def decode(
