@@ -6,6 +6,7 @@ Nothing here knows about a particular dataset; ``maml_runner.data.omniglot`` bui
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 import tempfile
@@ -14,8 +15,14 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
+
+import torch
 
 from maml_runner.errors import UserError
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHUNK = 1 << 20
 
@@ -75,6 +82,27 @@ def atomic_file(dest: Path) -> Iterator[object]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_cache(path: Path, state: dict, fmt: int) -> None:
+    """``torch.save`` ``state`` (tagged with format ``fmt``) to ``path`` atomically."""
+    with atomic_file(path) as f:
+        torch.save({**state, "format": fmt}, f)
+
+
+def read_cache(path: Path, fmt: int, parse: Callable[[dict], T], name: str) -> T | None:
+    """``parse(state)`` of a ``write_cache`` file, or ``None`` when it is absent, unreadable,
+    of another format, or ``parse`` rejects it (the caller then rebuilds it)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("format") != fmt:
+            raise ValueError(f"format {state.get('format')}, expected {fmt}")
+        return parse(state)
+    except Exception as e:  # any unreadable cache is rebuilt
+        log.warning("rebuilding the %s cache %s (%s)", name, path, e)
+        return None
 
 
 def _progress(total: int | None, label: str) -> tuple[Callable[[int], None], Callable[[], None]]:

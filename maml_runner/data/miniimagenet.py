@@ -206,12 +206,8 @@ def _cache_key(layout: str, listing: Sequence[tuple[str, int, int]], image_size:
 
 def _load_cache(path: Path, image_size: int) -> dict[str, torch.Tensor] | None:
     """The cached splits, or ``None`` when absent or unreadable (then they are rebuilt)."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("format") != FORMAT:
-            raise ValueError(f"format {state.get('format')}, expected {FORMAT}")
+
+    def parse(state: dict) -> dict[str, torch.Tensor]:
         splits = {s: state["images"][s] for s in SPLITS}
         for s, images in splits.items():
             if (
@@ -222,16 +218,13 @@ def _load_cache(path: Path, image_size: int) -> dict[str, torch.Tensor] | None:
                 or len(state["classes"][s]) != images.shape[0]
             ):
                 raise ValueError(f"unexpected shape or dtype in split {s}")
-    except Exception as e:  # any unreadable cache is rebuilt
-        log.warning("rebuilding the miniImageNet cache %s (%s)", path, e)
-        return None
-    return splits
+        return splits
+
+    return archives.read_cache(path, FORMAT, parse, "miniImageNet")
 
 
 def _save_cache(path: Path, splits: dict[str, torch.Tensor], classes: dict[str, list[str]]) -> None:
-    state = {"format": FORMAT, "images": splits, "classes": classes}
-    with archives.atomic_file(path) as f:
-        torch.save(state, f)
+    archives.write_cache(path, {"images": splits, "classes": classes}, FORMAT)
 
 
 def decode(

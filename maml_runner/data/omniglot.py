@@ -211,12 +211,8 @@ def _cache_key(digests: Mapping[str, str], image_size: int, resample: str) -> st
 
 def _load_cache(path: Path, image_size: int) -> OmniglotData | None:
     """The cached set, or ``None`` when absent or unreadable (then it is rebuilt)."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if state.get("format") != FORMAT:
-            raise ValueError(f"format {state.get('format')}, expected {FORMAT}")
+
+    def parse(state: dict) -> OmniglotData:
         images, background = state["images"], state["background"]
         alphabets, ids = list(state["alphabets"]), [int(i) for i in state["character_ids"]]
         c = images.shape[0]
@@ -229,22 +225,19 @@ def _load_cache(path: Path, image_size: int) -> OmniglotData | None:
             or len(ids) != c
         ):
             raise ValueError("unexpected shapes or dtypes")
-    except Exception as e:  # any unreadable cache is rebuilt
-        log.warning("rebuilding the Omniglot cache %s (%s)", path, e)
-        return None
-    return OmniglotData(images, alphabets, ids, background)
+        return OmniglotData(images, alphabets, ids, background)
+
+    return archives.read_cache(path, FORMAT, parse, "Omniglot")
 
 
 def _save_cache(path: Path, data: OmniglotData) -> None:
     state = {
-        "format": FORMAT,
         "images": data.images,
         "alphabets": data.alphabets,
         "character_ids": data.character_ids,
         "background": data.background,
     }
-    with archives.atomic_file(path) as f:
-        torch.save(state, f)
+    archives.write_cache(path, state, FORMAT)
 
 
 def decode(
