@@ -92,3 +92,9 @@ def test_impossible_requests_say_what_is_allowed() -> None:
     family = ImageClasses(labelled_images(), n_way=5)
     with pytest.raises(ValueError, match="k_shot \\+ query_size = 21"):
         family.sample(2, torch.Generator(), k_shot=6, query_size=15)
+
+
+def test_a_split_without_rotations_is_not_copied() -> None:
+    images = labelled_images()
+    family = ImageClasses(images, n_way=5)
+    assert family._views.untyped_storage().data_ptr() == images.untyped_storage().data_ptr()

@@ -119,7 +119,10 @@ BAD_INPUTS = [
         ["task=omniglot", *DATA, "n_way=5000", "k=1"],
         "task.n_way=5000: n_way=5000 but omniglot/train",
     ),
-    (["task=omniglot", "k=10"], "task.k_shot + task.query_size = 25, but Omniglot has 20 drawings"),
+    (
+        ["task=omniglot", *DATA, "k=10"],
+        "task.k_shot=10: task.k_shot + task.query_size = 25, but omniglot/train has 20 examples",
+    ),
     (["model=conv4"], "model=conv4: needs image tasks"),
     (
         ["task=miniimagenet", "data.cache_dir=/no/such/cache"],

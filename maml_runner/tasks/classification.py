@@ -45,9 +45,14 @@ class ImageClasses:
             )
         self.input_shape = tuple(self.images.shape[2:])
         self.output_size = self.n_way
-        turns = range(4) if self.rotations else range(1)
         # [rotation, class, example, C, H, W]: one gather picks class, example and rotation.
-        self._views = torch.stack([torch.rot90(self.images, r, dims=(-2, -1)) for r in turns])
+        # Without rotations this is a view, not a copy (miniImageNet's train split is ~0.8 GB).
+        if self.rotations:
+            self._views = torch.stack(
+                [torch.rot90(self.images, r, dims=(-2, -1)) for r in range(4)]
+            )
+        else:
+            self._views = self.images.unsqueeze(0)
 
     @property
     def num_classes(self) -> int:
