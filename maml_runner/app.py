@@ -25,7 +25,7 @@ from maml_runner.errors import UserError
 from maml_runner.evaluation import EvalResult, meta_test
 from maml_runner.paths import conf_dir
 from maml_runner.tracking import Tracker
-from maml_runner.trainer import Diverged, fit
+from maml_runner.trainer import Diverged, fit, gradient_step
 
 config.register()
 console = Console()
@@ -177,10 +177,8 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
 
         try:
             fitted = fit(
-                exp.learner,
+                gradient_step(exp.learner, params, optimizer, exp.stream),
                 params,
-                optimizer,
-                exp.stream,
                 steps=cfg.trainer.steps,
                 tracker=tracker,
                 checkpointer=Checkpoints(run_dir, exp, optimizer, resolved, tracker),

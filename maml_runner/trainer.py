@@ -1,7 +1,9 @@
 """The outer loop: meta-steps, logging, validation, checkpoints, interrupts.
 
-``fit`` takes plain objects: a learner with ``outer_loss(params, batch)``, the outer optimiser,
-a task stream, and small ``Tracker``/``Checkpointer`` interfaces. It never reads a config.
+``fit`` takes plain objects: an ``update(step)`` callable that performs one meta-step and returns
+its (detached) training loss, the meta-parameters (checked for NaN), and small
+``Tracker``/``Checkpointer`` interfaces. It never reads a config. ``gradient_step`` makes the
+usual update (outer loss → backward → outer optimiser); RL's TRPO step is another such callable.
 The hot path holds no host-device synchronisation: the training loss is summed on the device and
 read once every ``log_every`` steps.
 """
@@ -34,6 +36,24 @@ from maml_runner.tasks import TaskStream
 
 class Learner(Protocol):
     def outer_loss(self, params: Params, batch: TaskBatch) -> torch.Tensor: ...
+
+
+Update = Callable[[int], torch.Tensor]
+
+
+def gradient_step(
+    learner: Learner, params: Params, optimizer: torch.optim.Optimizer, stream: TaskStream
+) -> Update:
+    """One meta-step as ``update(step)``: outer loss on meta-batch ``step``, backward, optimiser."""
+
+    def update(step: int) -> torch.Tensor:
+        loss = learner.outer_loss(params, stream.batch(step))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return update
 
 
 class Logger(Protocol):
@@ -102,10 +122,8 @@ def _finite(params: Params) -> bool:
 
 
 def fit(
-    learner: Learner,
+    update: Update,
     params: Params,
-    optimizer: torch.optim.Optimizer,
-    stream: TaskStream,
     *,
     steps: int,
     tracker: Logger,
@@ -127,7 +145,8 @@ def fit(
         Diverged: the loss or θ stopped being finite; the last good checkpoint is kept.
     """
     console = console or Console(stderr=True, log_path=False)
-    step, loss_sum, count = start_step, torch.zeros((), device=stream.device), 0
+    device = next(iter(params.values())).device
+    step, loss_sum, count = start_step, torch.zeros((), device=device), 0
     clock, clock_step = time.perf_counter(), start_step
     interrupted = False
 
@@ -141,11 +160,7 @@ def fit(
     with _catch_signals() as received, bar if bar is not None else nullcontext():
         task = bar.add_task("train", total=steps, completed=step, speed="-", loss="-") if bar else 0
         while step < steps:
-            loss = learner.outer_loss(params, stream.batch(step))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            loss_sum += loss.detach()
+            loss_sum += update(step)
             count += 1
             step += 1
 
