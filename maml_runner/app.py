@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from maml_runner import checkpoint, config, plots
-from maml_runner.build import Experiment, build, build_optimizer
+from maml_runner.build import Experiment, build, build_optimizer, build_rl, is_rl
 from maml_runner.errors import UserError
 from maml_runner.evaluation import EvalResult, meta_test
 from maml_runner.paths import conf_dir
@@ -35,15 +35,15 @@ METRICS = "metrics.json"
 class Checkpoints:
     """Saves ``checkpoints/last.pt`` for the trainer (and ``best.pt`` when validation improves)."""
 
-    def __init__(self, run_dir: Path, exp: Experiment, optimizer, cfg: dict, tracker: Tracker):
+    def __init__(self, run_dir: Path, model, optimizer, cfg: dict, tracker: Tracker):
         self.folder = run_dir / "checkpoints"
-        self.exp, self.optimizer, self.cfg, self.tracker = exp, optimizer, cfg, tracker
+        self.model, self.optimizer, self.cfg, self.tracker = model, optimizer, cfg, tracker
         self.best_step: int | None = None
 
     def save(self, step: int, best: dict | None, train_time: float) -> None:
         extra = {"train_time": train_time, "wandb_run_id": self.tracker.run_id}
         kwargs = dict(
-            model=self.exp.model,
+            model=self.model,
             optimizer=self.optimizer,
             step=step,
             config=self.cfg,
@@ -121,34 +121,29 @@ def write_plots(exp: Experiment, cfg: DictConfig, result: EvalResult, run_dir: P
     return images
 
 
-def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
-    """Train and meta-test one config in ``run_dir``; return the objective (lower is better)."""
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    exp = build(cfg)
-    if cfg.trainer.num_threads is not None:
-        torch.set_num_threads(cfg.trainer.num_threads)
-    optimizer = build_optimizer(cfg.outer, exp.model)
-    params = dict(exp.model.named_parameters())
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    start, train_time, best, run_id = 0, 0.0, None, None
-    if cfg.resume:
-        path = checkpoint.resolve(cfg.resume)
-        state = checkpoint.load(path, exp.device)
-        checkpoint.check_model(exp.model, state, str(cfg.resume))
-        exp.model.load_state_dict(state["model"])
+def _resume(
+    cfg: DictConfig, model, optimizer, device
+) -> tuple[int, float, dict | None, str | None]:
+    """Load ``cfg.resume`` into model (and optimiser); return step, train time, best, W&B id."""
+    if not cfg.resume:
+        return 0, 0.0, None, None
+    path = checkpoint.resolve(cfg.resume)
+    state = checkpoint.load(path, device)
+    checkpoint.check_model(model, state, str(cfg.resume))
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
-        checkpoint.set_rng_state(state["rng"])
-        start, best = state["step"], state["best"]
-        train_time = state["extra"].get("train_time", 0.0)
-        run_id = state["extra"].get("wandb_run_id")
-        console.print(f"resuming from {path} at step {start}")
+    checkpoint.set_rng_state(state["rng"])
+    console.print(f"resuming from {path} at step {state['step']}")
+    extra = state["extra"]
+    return state["step"], extra.get("train_time", 0.0), state["best"], extra.get("wandb_run_id")
 
-    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+
+def _tracker(cfg: DictConfig, run_dir: Path, multirun: bool, resolved: dict, run_id) -> Tracker:
     group = cfg.logger.group
     if group is None and multirun:
         group = Path(HydraConfig.get().sweep.dir).name
-    tracker = Tracker(
+    return Tracker(
         run_dir,
         mode=cfg.logger.mode,
         project=cfg.logger.project,
@@ -159,6 +154,90 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
         run_id=run_id,
         name=None if not multirun else f"{group}/{HydraConfig.get().job.num}",
     )
+
+
+def _train(update, params, cfg: DictConfig, run_dir: Path, multirun: bool, **kwargs):
+    """``fit`` with the run's cadence; divergence and Ctrl-C end the run with a clear message.
+
+    Returns the ``FitResult``, or None when a multirun job diverged (its objective is NaN).
+    """
+    try:
+        fitted = fit(
+            update,
+            params,
+            steps=cfg.trainer.steps,
+            val_every=cfg.trainer.val_every,
+            checkpoint_every=cfg.trainer.checkpoint_every,
+            log_every=cfg.trainer.log_every,
+            progress=cfg.trainer.progress,
+            **kwargs,
+        )
+    except Diverged as err:
+        last = run_dir / "checkpoints" / checkpoint.LAST
+        kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint kept"
+        console.print(
+            f"[red]error:[/] the training figures or θ became NaN/inf by step "
+            f"{err.step}; {kept}. Try a smaller inner.lr or outer.lr."
+        )
+        if multirun:
+            return None
+        raise SystemExit(1) from None
+    if fitted.interrupted:
+        console.print(
+            f"interrupted at step {fitted.step}; checkpoint saved. Continue with:\n"
+            f"  maml-run resume={run_dir}"
+        )
+        raise SystemExit(130)
+    return fitted
+
+
+def _metrics(cfg: DictConfig, result: EvalResult, fitted, device, objective: float) -> dict:
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    return {
+        "experiment": choices.get("experiment"),
+        "task": cfg.task.name,
+        "algorithm": cfg.algorithm.name,
+        "first_order": cfg.inner.first_order,
+        "k_shot": cfg.task.k_shot,
+        "eval_k_shot": cfg.task.eval_k_shot,
+        "seed": cfg.seed,
+        "meta_test": result.to_dict(),
+        "meta_val": {"best": fitted.best},
+        "train": {
+            "steps": fitted.step,
+            "train_time_s": fitted.train_time,
+            "it_per_s": fitted.it_per_s,
+        },
+        "hardware": {"device": device_name(device), "torch": torch.__version__},
+        "paper": OmegaConf.to_container(cfg.paper) if cfg.paper else None,
+        "objective": objective,
+    }
+
+
+def _summarise(tracker: Tracker, result: EvalResult, step: int) -> None:
+    summary = {}
+    for metric in result.mean:
+        for s in result.inner_steps:
+            summary[f"meta_test/{metric}_step{s}"] = result.mean[metric][s]
+            summary[f"meta_test/{metric}_ci95_step{s}"] = result.ci95[metric][s]
+    tracker.log({f"meta_test/{m}": result.mean[m][-1] for m in result.mean}, step)
+    tracker.summary(summary)
+
+
+def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
+    """Train and meta-test one config in ``run_dir``; return the objective (lower is better)."""
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    if is_rl(cfg):
+        return run_rl(cfg, run_dir, multirun=multirun)
+    exp = build(cfg)
+    if cfg.trainer.num_threads is not None:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    optimizer = build_optimizer(cfg.outer, exp.model)
+    params = dict(exp.model.named_parameters())
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    start, train_time, best, run_id = _resume(cfg, exp.model, optimizer, exp.device)
+    tracker = _tracker(cfg, run_dir, multirun, resolved, run_id)
     exit_code = 1
     try:
         validate = None
@@ -175,38 +254,21 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
                 )
                 return {f"meta_val/{m}": r.mean[m][-1] for m in r.mean}
 
-        try:
-            fitted = fit(
-                gradient_step(exp.learner, params, optimizer, exp.stream),
-                params,
-                steps=cfg.trainer.steps,
-                tracker=tracker,
-                checkpointer=Checkpoints(run_dir, exp, optimizer, resolved, tracker),
-                start_step=start,
-                train_time=train_time,
-                validate=validate,
-                val_every=cfg.trainer.val_every,
-                checkpoint_every=cfg.trainer.checkpoint_every,
-                log_every=cfg.trainer.log_every,
-                progress=cfg.trainer.progress,
-                best=best,
-            )
-        except Diverged as err:
-            last = run_dir / "checkpoints" / checkpoint.LAST
-            kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint kept"
-            console.print(
-                f"[red]error:[/] meta_train/query_loss or θ became NaN/inf by step "
-                f"{err.step}; {kept}. Try a smaller inner.lr or outer.lr."
-            )
-            if multirun:
-                return float("nan")
-            raise SystemExit(1) from None
-        if fitted.interrupted:
-            console.print(
-                f"interrupted at step {fitted.step}; checkpoint saved. Continue with:\n"
-                f"  maml-run resume={run_dir}"
-            )
-            raise SystemExit(130)
+        fitted = _train(
+            gradient_step(exp.learner, params, optimizer, exp.stream),
+            params,
+            cfg,
+            run_dir,
+            multirun,
+            tracker=tracker,
+            checkpointer=Checkpoints(run_dir, exp.model, optimizer, resolved, tracker),
+            start_step=start,
+            train_time=train_time,
+            validate=validate,
+            best=best,
+        )
+        if fitted is None:
+            return float("nan")
         console.print(
             f"meta-trained {fitted.step} steps in {fitted.train_time:.1f} s "
             f"({fitted.it_per_s:.3g} it/s this session) on {device_name(exp.device)}"
@@ -215,33 +277,9 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
         result = evaluate(exp, cfg)
         print_result(result, list(cfg.eval.report_steps), cfg.paper)
         objective = result.mean["query_loss"][-1]
-        metrics = {
-            "experiment": choices.get("experiment"),
-            "task": cfg.task.name,
-            "algorithm": cfg.algorithm.name,
-            "first_order": cfg.inner.first_order,
-            "k_shot": cfg.task.k_shot,
-            "eval_k_shot": cfg.task.eval_k_shot,
-            "seed": cfg.seed,
-            "meta_test": result.to_dict(),
-            "meta_val": {"best": fitted.best},
-            "train": {
-                "steps": fitted.step,
-                "train_time_s": fitted.train_time,
-                "it_per_s": fitted.it_per_s,
-            },
-            "hardware": {"device": device_name(exp.device), "torch": torch.__version__},
-            "paper": OmegaConf.to_container(cfg.paper) if cfg.paper else None,
-            "objective": objective,
-        }
+        metrics = _metrics(cfg, result, fitted, exp.device, objective)
         (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
-        summary = {}
-        for metric in result.mean:
-            for step in result.inner_steps:
-                summary[f"meta_test/{metric}_step{step}"] = result.mean[metric][step]
-                summary[f"meta_test/{metric}_ci95_step{step}"] = result.ci95[metric][step]
-        tracker.log({f"meta_test/{m}": result.mean[m][-1] for m in result.mean}, fitted.step)
-        tracker.summary(summary)
+        _summarise(tracker, result, fitted.step)
         images = write_plots(exp, cfg, result, run_dir)
         tracker.log_images(images, fitted.step)
         console.print(f"run folder: {run_dir} (metrics.json, adaptation.png, checkpoints/)")
@@ -249,6 +287,113 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
         return objective
     finally:
         tracker.close(exit_code)
+
+
+def run_rl(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
+    """MAML-TRPO (or the pretrained baseline) on an RL task family; objective = −final return."""
+    from maml_runner.evaluation import mean_ci95
+    from maml_runner.tasks.base import make_generator
+
+    if cfg.trainer.num_threads is not None:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    exp = build_rl(cfg)
+    learner = exp.learner
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    exit_code = 1
+    try:
+        start, train_time, best, run_id = _resume(cfg, exp.model, None, exp.device)
+        tracker = _tracker(cfg, run_dir, multirun, resolved, run_id)
+    except BaseException:
+        exp.env.close()
+        raise
+
+    def adaptation(params, tasks, steps: int, seed: int):
+        return learner.adaptation(
+            params,
+            tasks,
+            steps=steps,
+            lr=cfg.inner.lr,
+            halve_lr=cfg.task.eval_halve_lr,
+            generator=make_generator(seed, torch.device("cpu")),
+        )
+
+    def summarise(returns: torch.Tensor) -> EvalResult:
+        mean, ci95 = mean_ci95(returns)
+        return EvalResult(
+            list(range(returns.shape[0])), returns.shape[1], {"return": mean}, {"return": ci95}
+        )
+
+    try:
+        validate = None
+        if cfg.trainer.val_every > 0:
+
+            def validate() -> dict[str, float]:
+                r = adaptation(learner.params, exp.val_tasks, 1, cfg.trainer.val_seed)
+                return {"meta_val/return_step1": r.returns[-1].mean().item()}
+
+        fitted = _train(
+            learner.update,
+            learner.params,
+            cfg,
+            run_dir,
+            multirun,
+            tracker=tracker,
+            checkpointer=Checkpoints(run_dir, exp.model, None, resolved, tracker),
+            start_step=start,
+            train_time=train_time,
+            validate=validate,
+            val_key="meta_val/return_step1",
+            maximize=True,
+            best=best,
+            metrics=("meta_train/return_post", "meta_train/return_pre"),
+        )
+        if fitted is None:
+            return float("nan")
+        console.print(
+            f"meta-trained {fitted.step} iterations in {fitted.train_time:.1f} s "
+            f"({fitted.it_per_s:.3g} it/s this session) on {device_name(exp.device)}"
+        )
+        steps = cfg.inner.eval_steps
+        ours = adaptation(learner.params, exp.test_tasks, steps, cfg.eval.seed)
+        random_init = adaptation(exp.initial_state, exp.test_tasks, steps, cfg.eval.seed)
+        result, baseline = summarise(ours.returns), summarise(random_init.returns)
+        print_result(result, list(cfg.eval.report_steps), cfg.paper)
+        console.print(
+            "random initialisation: "
+            + ", ".join(f"{m:.2f}" for m in baseline.mean["return"])
+            + " (return after 0.."
+            + str(steps)
+            + " steps)"
+        )
+        objective = -result.mean["return"][-1]
+        metrics = _metrics(cfg, result, fitted, exp.device, objective)
+        metrics["baselines"] = {"random_init": baseline.to_dict()}
+        (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
+        _summarise(tracker, result, fitted.step)
+        label = cfg.algorithm.name
+        paper = None
+        if cfg.paper and cfg.paper.metric == "return":
+            paper = {label: (list(cfg.paper.steps), list(cfg.paper.mean))}
+        images = {
+            "plots/adaptation": plots.adaptation_curves(
+                {label: result, "random init": baseline},
+                run_dir / "adaptation.png",
+                metric="return",
+                paper=paper,
+                title=f"{cfg.task.name}: return after policy-gradient steps (mean ± 95% CI)",
+            )
+        }
+        if cfg.task.env == "nav2d" and cfg.eval.plot_tasks:
+            images["plots/trajectories"] = plots.nav_trajectories(
+                ours.episodes, exp.test_tasks, run_dir / "trajectories.png", cfg.eval.plot_tasks
+            )
+        tracker.log_images(images, fitted.step)
+        console.print(f"run folder: {run_dir} (metrics.json, adaptation.png, checkpoints/)")
+        exit_code = 0
+        return objective
+    finally:
+        tracker.close(exit_code)
+        exp.env.close()
 
 
 def device_name(device: torch.device) -> str:

@@ -29,6 +29,7 @@ from maml_runner.tasks.classification import ImageClasses
 ALGORITHMS = ("maml", "pretrain")
 SPLITS = ("paper", "background")
 LOGGER_MODES = ("online", "offline", "disabled")
+TRPO_TARGET = "maml_runner.rl.trpo.TRPO"
 FUSED_OPTIMIZERS = ("torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD")
 
 
@@ -62,10 +63,12 @@ def _positive(cfg: DictConfig, *keys: str, minimum: int = 1) -> None:
         )
 
 
-def validate(cfg: DictConfig) -> None:
-    """Check ranges and choices the schemas cannot express; raise ``UserError`` on the first."""
-    _require(cfg.k >= 1, "k", cfg.k, "K (support examples per task) must be an integer >= 1")
-    _positive(cfg, "task.k_shot", "task.query_size", "task.eval_k_shot", "task.eval_query_size")
+def is_rl(cfg: DictConfig) -> bool:
+    """RL task families (nav2d, MuJoCo locomotion) carry an ``env``; supervised ones do not."""
+    return "env" in cfg.task
+
+
+def _validate_common(cfg: DictConfig) -> None:
     _positive(cfg, "trainer.meta_batch_size", "trainer.log_every", "trainer.val_tasks")
     _positive(cfg, "trainer.steps", "trainer.val_every", "trainer.checkpoint_every", minimum=0)
     _positive(cfg, "inner.steps", "inner.eval_steps", minimum=0)
@@ -74,10 +77,6 @@ def validate(cfg: DictConfig) -> None:
     _positive(cfg, "eval.num_tasks", "eval.batch_size")
     _positive(cfg, "eval.plot_tasks", minimum=0)
     _require(cfg.inner.lr >= 0, "inner.lr", cfg.inner.lr, "the inner step size must be >= 0")
-    outer_lr = cfg.outer.get("lr")  # optional: some torch.optim classes have no lr
-    _require(
-        outer_lr is None or outer_lr >= 0, "outer.lr", outer_lr, "the meta step size must be >= 0"
-    )
     bad_steps = [s for s in cfg.eval.report_steps if not 0 <= s <= cfg.inner.eval_steps]
     _require(
         not bad_steps,
@@ -89,6 +88,61 @@ def validate(cfg: DictConfig) -> None:
     _require(name in ALGORITHMS, "algorithm.name", name, f"choose one of {', '.join(ALGORITHMS)}")
     mode = cfg.logger.mode
     _require(mode in LOGGER_MODES, "logger.mode", mode, f"choose one of {', '.join(LOGGER_MODES)}")
+    resolve_device(cfg.device)
+
+
+def validate_rl(cfg: DictConfig) -> None:
+    """``validate`` for RL task families: policy model, TRPO outer step, environment knobs."""
+    from maml_runner.rl.envs import GOALS, NAV_REWARDS
+
+    _validate_common(cfg)
+    t = cfg.task
+    _positive(cfg, "task.k_shot", "task.eval_k_shot", "task.horizon", "task.workers")
+    _require(
+        cfg.model.name == "gaussian_mlp",
+        "model",
+        cfg.model.name,
+        f"task={t.name} needs model=gaussian_mlp outer=trpo (or experiment=finn17_{t.name})",
+    )
+    _require(
+        cfg.outer._target_ == TRPO_TARGET,
+        "outer",
+        cfg.outer._target_,
+        f"task={t.name} needs outer=trpo (the paper's TRPO meta-step)",
+    )
+    _require(0 < t.discount <= 1, "task.discount", t.discount, "need 0 < discount <= 1")
+    _require(cfg.model.init_std > 0, "model.init_std", cfg.model.init_std, "need > 0")
+    _require(cfg.outer.max_kl > 0, "outer.max_kl", cfg.outer.max_kl, "the KL bound must be > 0")
+    if t.env == "nav2d":
+        _require(t.goal == "position", "task.goal", t.goal, "nav2d tasks are goal positions")
+        _require(
+            t.reward in NAV_REWARDS,
+            "task.reward",
+            t.reward,
+            f"choose one of {', '.join(NAV_REWARDS)}",
+        )
+    else:
+        _require(t.goal in GOALS, "task.goal", t.goal, f"choose one of {', '.join(GOALS)}")
+    _require(t.goal_low <= t.goal_high, "task.goal_low", t.goal_low, f"need <= {t.goal_high}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check ranges and choices the schemas cannot express; raise ``UserError`` on the first."""
+    if is_rl(cfg):
+        return validate_rl(cfg)
+    _validate_common(cfg)
+    _require(cfg.k >= 1, "k", cfg.k, "K (support examples per task) must be an integer >= 1")
+    _positive(cfg, "task.k_shot", "task.query_size", "task.eval_k_shot", "task.eval_query_size")
+    _require(
+        cfg.model.name != "gaussian_mlp" and cfg.outer._target_ != TRPO_TARGET,
+        "model" if cfg.model.name == "gaussian_mlp" else "outer",
+        cfg.model.name if cfg.model.name == "gaussian_mlp" else cfg.outer._target_,
+        "the Gaussian policy and TRPO are for RL tasks (nav2d, cheetah_dir, ...)",
+    )
+    outer_lr = cfg.outer.get("lr")  # optional: some torch.optim classes have no lr
+    _require(
+        outer_lr is None or outer_lr >= 0, "outer.lr", outer_lr, "the meta step size must be >= 0"
+    )
     if cfg.task.name == "sinusoid":
         t = cfg.task
         _require(
@@ -129,7 +183,6 @@ def validate(cfg: DictConfig) -> None:
             f"choose one of {', '.join(DOWNSAMPLE)}",
         )
         _require(m.head in HEADS, "model.head", m.head, f"choose one of {', '.join(HEADS)}")
-    resolve_device(cfg.device)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -318,3 +371,82 @@ def build(cfg: DictConfig) -> Experiment:
     return Experiment(
         device, families["train"], model, task_loss, learner, stream, val_tasks, test_tasks
     )
+
+
+@dataclass
+class RLExperiment:
+    """Everything an RL run needs: environment, policy, MAML-TRPO learner, fixed test tasks."""
+
+    device: torch.device
+    env: object  # rl.envs.VectorEnv
+    model: nn.Module  # the GaussianPolicy
+    learner: object  # rl.meta.MetaRL
+    initial_state: dict[str, torch.Tensor]  # θ before meta-training: the "random" baseline
+    val_tasks: torch.Tensor
+    test_tasks: torch.Tensor
+
+
+def build_rl(cfg: DictConfig) -> RLExperiment:
+    """Validate ``cfg`` and build an RL run (policy weights from the global RNG); CPU only."""
+    from maml_runner.models import GaussianPolicy
+    from maml_runner.rl.envs import Locomotion, Nav2D
+    from maml_runner.rl.meta import MetaRL
+    from maml_runner.tasks.base import make_generator
+
+    validate_rl(cfg)
+    device = torch.device("cpu")  # rollouts step CPU simulators; the policies are small
+    t = cfg.task
+    if t.env == "nav2d":
+        env = Nav2D(
+            goal_low=t.goal_low,
+            goal_high=t.goal_high,
+            action_bound=t.action_bound,
+            goal_radius=t.goal_radius,
+            reward=t.reward,
+        )
+    else:
+        try:
+            env = Locomotion(
+                t.env,
+                goal=t.goal,
+                goal_low=t.goal_low,
+                goal_high=t.goal_high,
+                env_kwargs=OmegaConf.to_container(t.env_kwargs),
+                workers=t.workers,
+            )
+        except ImportError as err:
+            raise UserError(f"task.env={t.env}: {err}") from None
+        except Exception as err:  # gymnasium: unknown id or keyword
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            kwargs = dict(t.env_kwargs)
+            raise UserError(f"task.env={t.env} (env_kwargs {kwargs}): {reason}") from None
+    m = cfg.model
+    policy = GaussianPolicy(
+        env.obs_dim,
+        env.act_dim,
+        hidden=list(m.hidden),
+        activation=m.activation,
+        init_std=m.init_std,
+    )
+    initial = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+    o = cfg.outer
+    trpo = hydra.utils.instantiate(o, params=list(policy.parameters()))
+    pretrain = cfg.algorithm.name == "pretrain"
+    learner = MetaRL(
+        env,
+        policy,
+        trpo,
+        inner_lr=cfg.inner.lr,
+        inner_steps=0 if pretrain else cfg.inner.steps,
+        first_order=cfg.inner.first_order,
+        meta_batch_size=cfg.trainer.meta_batch_size,
+        episodes_per_task=t.k_shot,
+        horizon=t.horizon,
+        discount=t.discount,
+        normalize_advantages=t.normalize_advantages,
+        seed=cfg.seed,
+    )
+    cpu = torch.device("cpu")
+    val = env.sample_tasks(cfg.trainer.val_tasks, make_generator(cfg.trainer.val_seed, cpu))
+    test = env.sample_tasks(cfg.eval.num_tasks, make_generator(cfg.eval.seed, cpu))
+    return RLExperiment(device, env, policy, learner, initial, val, test)

@@ -38,7 +38,7 @@ def save(
     path: Path,
     *,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | None,
     step: int,
     config: dict,
     best: dict | None = None,
@@ -50,7 +50,8 @@ def save(
         "format_version": FORMAT_VERSION,
         "step": step,
         "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        # TRPO (RL) keeps no state between steps: None
+        "optimizer": {} if optimizer is None else optimizer.state_dict(),
         "best": best,
         "rng": rng_state(),
         "config": config,

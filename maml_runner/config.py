@@ -130,6 +130,39 @@ class MiniImageNetConfig:
 
 
 @dataclass
+class RLTaskConfig:
+    # nav2d | cheetah_dir | cheetah_vel | ant_dir | ant_vel (the task file's name)
+    name: str = "nav2d"
+    # nav2d (torch point robot) | a gymnasium MuJoCo id with x_velocity (HalfCheetah-v5, Ant-v5)
+    env: str = "nav2d"
+    # position (nav2d) | direction (±1) | velocity (U[goal_low, goal_high])
+    goal: str = "position"
+    goal_low: float = -0.5
+    goal_high: float = 0.5
+    # K: trajectories per task for each inner policy-gradient step, and after it
+    k_shot: int = 20
+    # K at validation and meta-test
+    eval_k_shot: int = 20
+    # steps per episode
+    horizon: int = 100
+    # γ of the returns-to-go the advantages are built from
+    discount: float = 0.99
+    # standardise each task's advantages (mean 0, std 1), as the reference implementations
+    normalize_advantages: bool = True
+    # nav2d: distance (−‖x − g‖, reference code) | squared_distance (the paper's text)
+    reward: str = "distance"
+    # nav2d: actions are clipped to ±action_bound; an episode ends within goal_radius of the goal
+    action_bound: float = 0.1
+    goal_radius: float = 0.01
+    # keyword arguments of gymnasium.make (reward weights, observation options)
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    # processes stepping the MuJoCo environments (nav2d is vectorised in torch and ignores it)
+    workers: int = 2
+    # at meta-test, steps after the first use α/2 (the reference code's test protocol)
+    eval_halve_lr: bool = True
+
+
+@dataclass
 class DataConfig:
     # folder with the dataset's archives; null: <cache_dir>/<task name>
     root: str | None = None
@@ -162,6 +195,15 @@ class Conv4Config:
     head: str = "mean"
 
 
+@dataclass
+class GaussianMLPConfig:
+    name: str = "gaussian_mlp"
+    hidden: list[int] = field(default_factory=lambda: [100, 100])
+    activation: str = "relu"
+    # initial standard deviation of the actions (a learned, state-independent log-std)
+    init_std: float = 1.0
+
+
 SCHEMAS: dict[str, Any] = {
     "inner": InnerConfig,
     "trainer": TrainerConfig,
@@ -177,8 +219,13 @@ GROUP_SCHEMAS: dict[str, dict[str, Any]] = {
         "base_sinusoid": SinusoidConfig,
         "base_omniglot": OmniglotConfig,
         "base_miniimagenet": MiniImageNetConfig,
+        "base_rl": RLTaskConfig,
     },
-    "model": {"base_mlp": MLPConfig, "base_conv4": Conv4Config},
+    "model": {
+        "base_mlp": MLPConfig,
+        "base_conv4": Conv4Config,
+        "base_gaussian_mlp": GaussianMLPConfig,
+    },
 }
 
 

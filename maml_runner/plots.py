@@ -107,3 +107,33 @@ def regression_tasks(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def nav_trajectories(episodes: Sequence, goals: torch.Tensor, path: Path, num_tasks: int) -> Path:
+    """2D navigation paths before and after adaptation, one panel per task (paper Fig. 4 style).
+
+    ``episodes[s]`` are the episodes sampled after ``s`` policy-gradient steps (``rl.Episodes``);
+    each panel draws the first trajectory of each step and the task's goal.
+    """
+    num_tasks = min(num_tasks, goals.shape[0])
+    fig, axes = plt.subplots(1, num_tasks, figsize=(3 * num_tasks, 3.2), squeeze=False)
+    shown = sorted({0, 1, len(episodes) - 1} & set(range(len(episodes))))
+    for t, ax in enumerate(axes[0]):
+        for s in shown:
+            ep = episodes[s]
+            alive = int(ep.mask[t, 0].sum())
+            xy = torch.cat([torch.zeros(1, 2), ep.obs[t, 0, :alive]], dim=0)
+            label = "pre-update" if s == 0 else f"{s} step" + ("s" if s > 1 else "")
+            ax.plot(xy[:, 0], xy[:, 1], lw=1.2, label=label)
+        ax.plot(*goals[t].tolist(), marker="*", ms=12, color="black", label="goal")
+        ax.set_xlim(-0.6, 0.6)
+        ax.set_ylim(-0.6, 0.6)
+        ax.set_aspect("equal")
+        ax.grid(alpha=0.3)
+        ax.set_title(f"task {t}", fontsize=9)
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.suptitle("2D navigation: one trajectory per adaptation step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -102,13 +102,13 @@ def _catch_signals() -> Iterator[list[int]]:
             signal.signal(sig, previous)
 
 
-def _progress(console: Console) -> Progress:
+def _progress(console: Console, label: str) -> Progress:
     return Progress(
         TextColumn("[bold]meta-train"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn("{task.fields[speed]} it/s"),
-        TextColumn("loss {task.fields[loss]}"),
+        TextColumn(label + " {task.fields[loss]}"),
         TimeElapsedColumn(),
         TextColumn("ETA"),
         TimeRemainingColumn(),
@@ -133,30 +133,37 @@ def fit(
     validate: Callable[[], dict[str, float]] | None = None,
     val_key: str = "meta_val/query_loss",
     val_every: int = 0,
+    maximize: bool = False,
     checkpoint_every: int = 0,
     log_every: int = 100,
     progress: bool = True,
     best: dict | None = None,
     console: Console | None = None,
+    metrics: Sequence[str] = ("meta_train/query_loss",),
 ) -> FitResult:
     """Meta-train from ``start_step`` to ``steps``; checkpoint at the end and on interrupt.
+
+    ``update(step)`` returns the step's training figures, named by ``metrics`` (a scalar for one
+    name, a vector for several); their means over ``log_every`` steps are logged and the first is
+    shown in the progress display. ``maximize``: a higher ``val_key`` is better (RL returns).
 
     Raises:
         Diverged: the loss or θ stopped being finite; the last good checkpoint is kept.
     """
     console = console or Console(stderr=True, log_path=False)
     device = next(iter(params.values())).device
-    step, loss_sum, count = start_step, torch.zeros((), device=device), 0
+    step, count = start_step, 0
+    loss_sum = torch.zeros(() if len(metrics) == 1 else len(metrics), device=device)
     clock, clock_step = time.perf_counter(), start_step
     interrupted = False
 
     def save() -> None:
-        if not (math.isfinite(loss_sum.item()) and _finite(params)):
+        if not (bool(torch.isfinite(loss_sum).all()) and _finite(params)):
             raise Diverged(step)
         checkpointer.save(step, best, train_time + time.perf_counter() - started)
 
     started = time.perf_counter()
-    bar = _progress(console) if progress else None
+    bar = _progress(console, metrics[0].split("/")[-1]) if progress else None
     with _catch_signals() as received, bar if bar is not None else nullcontext():
         task = bar.add_task("train", total=steps, completed=step, speed="-", loss="-") if bar else 0
         while step < steps:
@@ -165,22 +172,25 @@ def fit(
             step += 1
 
             if step % log_every == 0 or step == steps:
-                mean = loss_sum.item() / count  # the one host sync of the loop
-                if not math.isfinite(mean):
+                means = (loss_sum / count).reshape(-1).tolist()  # the one host sync of the loop
+                if not all(math.isfinite(m) for m in means):
                     raise Diverged(step)
+                mean = means[0]
                 now = time.perf_counter()
                 speed = (step - clock_step) / max(now - clock, 1e-9)
                 clock, clock_step = now, step
-                tracker.log({"meta_train/query_loss": mean, "meta_train/it_per_s": speed}, step)
+                tracker.log({**dict(zip(metrics, means)), "meta_train/it_per_s": speed}, step)
                 loss_sum.zero_()
                 count = 0
                 if bar is not None:
-                    bar.update(task, completed=step, speed=f"{speed:.3g}", loss=f"{mean:.4f}")
+                    bar.update(task, completed=step, speed=f"{speed:.3g}", loss=f"{mean:.4g}")
             if validate is not None and val_every and step % val_every == 0:
-                metrics = validate()
-                tracker.log(metrics, step)
-                value = metrics[val_key]
-                improved = best is None or value < best["value"]
+                val_metrics = validate()
+                tracker.log(val_metrics, step)
+                value = val_metrics[val_key]
+                improved = best is None or (
+                    value > best["value"] if maximize else value < best["value"]
+                )
                 if improved:
                     best = {"key": val_key, "value": value, "step": step}
                 console.log(

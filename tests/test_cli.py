@@ -99,7 +99,11 @@ def test_evaluate_and_table_commands(tmp_path: Path) -> None:
 
 
 BAD_INPUTS = [
-    (["task=nope"], "task=nope: unknown task; choose one of miniimagenet, omniglot, sinusoid"),
+    (
+        ["task=nope"],
+        "task=nope: unknown task; choose one of ant_dir, ant_vel, cheetah_dir, "
+        "cheetah_vel, miniimagenet, nav2d, omniglot, sinusoid",
+    ),
     (["model=resnet"], "model=resnet: unknown model"),
     (["experiment=finn99"], "experiment=finn99: unknown experiment; choose one of"),
     (["k=0"], "k=0: K (support examples per task) must be an integer >= 1"),

@@ -6,9 +6,10 @@ Options are found by listing conf/, so a new preset is tested without editing th
 from __future__ import annotations
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
-from maml_runner.build import build, build_optimizer
+from maml_runner.build import build, build_optimizer, build_rl, is_rl
 from maml_runner.errors import UserError
 from maml_runner.paths import conf_dir
 from tests.helpers import make_config
@@ -22,6 +23,31 @@ OPTIONS = [
 
 TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+# RL task families (their schema is base_rl) go with the policy model and the TRPO outer step
+RL_TASKS = [t for t in TASKS if "- base_rl" in (CONF / "task" / f"{t}.yaml").read_text()]
+RL_PARTS = {"task": RL_TASKS, "model": ["gaussian_mlp"], "outer": ["trpo"]}
+
+
+def _companions(group: str, option: str) -> list[str]:
+    """What an RL option needs beside it to build (the other two RL parts)."""
+    if option not in RL_PARTS.get(group, []):
+        return []
+    defaults = {"task": "nav2d", "model": "gaussian_mlp", "outer": "trpo"}
+    return [f"{g}={o}" for g, o in defaults.items() if g != group]
+
+
+def _meta_step_rl(cfg) -> None:
+    """Build an RL config with tiny rollouts and take one MAML-TRPO step."""
+    cfg.task.horizon, cfg.task.k_shot, cfg.task.workers = 4, 2, 1
+    exp = build_rl(cfg)
+    try:
+        before = [p.detach().clone() for p in exp.model.parameters()]
+        out = exp.learner.update(0)
+        assert torch.isfinite(out).all()
+        assert torch.isfinite(torch.cat([p.reshape(-1) for p in exp.model.parameters()])).all()
+        assert len(before) == len(list(exp.model.parameters()))
+    finally:
+        exp.env.close()
 
 
 def test_options_are_found() -> None:
@@ -52,10 +78,14 @@ def test_option_composes_and_builds(group: str, option: str) -> None:
         "trainer.meta_batch_size=2",
     ]
     # A model option is built with the first task family it fits (image models need images).
-    tasks = TASKS if group == "model" else [None]
+    supervised = [t for t in TASKS if t not in RL_TASKS]
+    tasks = supervised if group == "model" and not _companions(group, option) else [None]
+    base += _companions(group, option)
     for task in tasks:
         cfg = make_config(base + ([f"task={task}"] if task else []))
         OmegaConf.resolve(cfg)
+        if is_rl(cfg):
+            return _meta_step_rl(cfg)
         try:
             exp = build(cfg)
             break
@@ -86,8 +116,11 @@ def test_every_task_model_pair_builds_or_says_why_not(task: str, model: str) -> 
             "trainer.meta_batch_size=2",
             "k=1",
         ]
+        + [c for c in _companions("task", task) if c.startswith("outer")]
     )
     try:
+        if is_rl(cfg) and model == "gaussian_mlp":
+            return _meta_step_rl(cfg)
         exp = build(cfg)
     except UserError as err:
         assert f"model={model}" in str(err) and "\n" not in str(err)

@@ -11,6 +11,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,22 @@ class TaskBatch:
         return self.support_x.shape[0]
 
 
+def inner_update(
+    per_task_loss: Callable[[Params], Tensor], params: Params, lr: float, create_graph: bool
+) -> Params:
+    """One inner gradient step θ'ᵢ = θᵢ − α∇L_i(θᵢ) for every task at once.
+
+    ``per_task_loss(params)`` returns each task's loss ``[T]``; summing them makes the gradient
+    with respect to ``params[..][t]`` that of task t alone. With ``create_graph`` the result stays
+    a differentiable function of ``params`` through the gradient itself (second order); without
+    it the gradient is a constant, so dθ'ᵢ/dθ = I: first-order MAML.
+    """
+    grads = torch.autograd.grad(
+        per_task_loss(params).sum(), list(params.values()), create_graph=create_graph
+    )
+    return {n: torch.add(w, g, alpha=-lr) for (n, w), g in zip(params.items(), grads)}
+
+
 def adapt(
     model: nn.Module,
     task_loss: TaskLoss,
@@ -48,18 +65,16 @@ def adapt(
 ) -> Params:
     """Take ``steps`` gradient steps of size ``lr`` on each task's ``(x, y)``; return θ'ᵢ per task.
 
-    ``params`` are per task (``[T, *shape]``; ``per_task(θ, T)`` broadcasts shared ones). With
-    ``create_graph=True`` the returned weights stay differentiable functions of θ through the
-    gradients themselves (second-order MAML). With ``False`` the inner gradients are constants:
-    θ'ᵢ = θ - α·g with dθ'ᵢ/dθ = I, which is exactly first-order MAML's approximation.
+    ``params`` are per task (``[T, *shape]``; ``per_task(θ, T)`` broadcasts shared ones);
+    ``create_graph`` selects second-order (True) or first-order MAML, see ``inner_update``.
     """
-    fast = params
+
+    def support_loss(p: Params) -> Tensor:
+        return task_loss.loss(batched_forward(model, p, x), y)
+
     for _ in range(steps):
-        # Summing the per-task mean losses makes d(sum)/d(fast[t]) the gradient of task t alone.
-        loss = task_loss.loss(batched_forward(model, fast, x), y).sum()
-        grads = torch.autograd.grad(loss, list(fast.values()), create_graph=create_graph)
-        fast = {n: torch.add(w, g, alpha=-lr) for (n, w), g in zip(fast.items(), grads)}
-    return fast
+        params = inner_update(support_loss, params, lr, create_graph)
+    return params
 
 
 def per_task(params: Params, num_tasks: int) -> Params:

@@ -2,5 +2,6 @@
 
 from maml_runner.models.conv import Conv4
 from maml_runner.models.mlp import MLP
+from maml_runner.models.policy import GaussianPolicy
 
-__all__ = ["MLP", "Conv4"]
+__all__ = ["MLP", "Conv4", "GaussianPolicy"]

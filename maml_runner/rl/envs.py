@@ -1,0 +1,254 @@
+"""RL task families: a task is an environment variant (a goal position, a direction, a speed).
+
+Every family offers the same parts in the same order: ``sample_tasks`` draws task parameters
+``[n, task_dim]``; ``reset(tasks, generator)`` starts one episode per row of ``tasks``;
+``step(action)`` advances all of them at once and returns ``(obs, reward, done)`` as tensors.
+
+References:
+    Finn, Abbeel & Levine (2017), §5.3 and Appendix A.2: 2D navigation (goals in the unit square,
+    actions clipped to ±0.1, horizon 100) and MuJoCo locomotion (HalfCheetah/Ant; goal direction
+    or goal velocity, horizon 200).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+NAV_REWARDS = ("distance", "squared_distance")
+GOALS = ("direction", "velocity")
+FORWARD = "reward_forward"  # gymnasium's forward term, which the task reward replaces
+
+
+class VectorEnv(Protocol):
+    obs_dim: int
+    act_dim: int
+    task_dim: int
+
+    def sample_tasks(self, num: int, generator: torch.Generator) -> Tensor: ...
+
+    def reset(self, tasks: Tensor, generator: torch.Generator) -> Tensor: ...
+
+    def step(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
+
+    def close(self) -> None: ...
+
+
+class Nav2D:
+    """Point robot on the plane, starting at the origin; the task is an unseen goal position.
+
+    Vectorised in torch: one tensor op moves every episode of a meta-batch. The observation is
+    the position; an action moves it by ``clip(a, ±action_bound)``; the reward is minus the
+    distance to the goal (``reward=distance``, the reference code) or minus its square (the
+    paper's text); an episode ends within ``goal_radius`` of the goal.
+    """
+
+    obs_dim, act_dim, task_dim = 2, 2, 2
+
+    def __init__(
+        self,
+        *,
+        goal_low: float = -0.5,
+        goal_high: float = 0.5,
+        action_bound: float = 0.1,
+        goal_radius: float = 0.01,
+        reward: str = "distance",
+    ) -> None:
+        if reward not in NAV_REWARDS:
+            raise ValueError(f"reward={reward}: choose one of {', '.join(NAV_REWARDS)}")
+        self.goal_low, self.goal_high = goal_low, goal_high
+        self.action_bound, self.goal_radius, self.reward = action_bound, goal_radius, reward
+        self._pos = self._goal = torch.empty(0, 2)
+
+    def sample_tasks(self, num: int, generator: torch.Generator) -> Tensor:
+        u = torch.rand(num, 2, generator=generator, device=generator.device)
+        return self.goal_low + (self.goal_high - self.goal_low) * u
+
+    def reset(self, tasks: Tensor, generator: torch.Generator) -> Tensor:
+        self._goal = tasks
+        self._pos = torch.zeros_like(tasks)
+        return self._pos.clone()
+
+    def step(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        self._pos = self._pos + action.clamp(-self.action_bound, self.action_bound)
+        distance = (self._pos - self._goal).norm(dim=-1)
+        reward = -distance if self.reward == "distance" else -distance.square()
+        return self._pos.clone(), reward, distance < self.goal_radius
+
+    def close(self) -> None:
+        pass
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence C-level stderr: MuJoCo prints a deprecation warning for every model it compiles."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _make_envs(env_id: str, kwargs: dict, num: int) -> list:
+    try:
+        import gymnasium as gym
+    except ImportError:
+        raise ImportError("MuJoCo tasks need gymnasium: pip install 'maml-runner[rl]'") from None
+    # .unwrapped: our own horizon replaces gymnasium's TimeLimit(1000); the checker and order
+    # wrappers cost ~30% of a HalfCheetah step.
+    with _quiet_stderr():
+        return [gym.make(env_id, **kwargs).unwrapped for _ in range(num)]
+
+
+def _serve(conn, env_id: str, kwargs: dict) -> None:
+    """Worker process: own a slice of the episodes' environments, step them on request."""
+    envs: list = []
+    while True:
+        command, data = conn.recv()
+        if command == "reset":
+            if len(data) > len(envs):
+                envs += _make_envs(env_id, kwargs, len(data) - len(envs))
+            conn.send(_reset(envs, data))
+        elif command == "step":
+            conn.send(_step(envs, data))
+        else:
+            conn.close()
+            return
+
+
+def _reset(envs: list, seeds: list[int]) -> np.ndarray:
+    return np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)])
+
+
+def _step(envs: list, actions: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Step ``len(actions)`` envs; return obs, x velocity, the non-forward rewards, terminated."""
+    obs, velocity, rest, terminated = [], [], [], []
+    for env, action in zip(envs, actions):
+        o, _, term, _, info = env.step(action)
+        obs.append(o)
+        velocity.append(info["x_velocity"])
+        rest.append(
+            sum(v for k, v in info.items() if k.startswith("reward_") and k != "reward_forward")
+        )
+        terminated.append(term)
+    return np.stack(obs), np.array(velocity), np.array(rest), np.array(terminated)
+
+
+class Locomotion:
+    """A gymnasium MuJoCo robot (``HalfCheetah-v5``, ``Ant-v5``) asked to run a task's way.
+
+    ``goal=direction``: a task is ±1 (forward or backward), reward ``d·v_x``;
+    ``goal=velocity``: a task is a target speed ``g ~ U[goal_low, goal_high]``, reward
+    ``−|v_x − g|``.
+    To either the environment's own other terms are added (control cost; for the ant, contact
+    cost and survival bonus), with weights from ``env_kwargs``. Actions are clipped to the action
+    space. Episodes are split over ``workers`` processes (1: in this process).
+    """
+
+    task_dim = 1
+
+    def __init__(
+        self,
+        env_id: str,
+        *,
+        goal: str,
+        goal_low: float = 0.0,
+        goal_high: float = 2.0,
+        env_kwargs: dict | None = None,
+        workers: int = 1,
+    ) -> None:
+        if goal not in GOALS:
+            raise ValueError(f"goal={goal}: choose one of {', '.join(GOALS)}")
+        self.env_id, self.goal, self.goal_low, self.goal_high = env_id, goal, goal_low, goal_high
+        self.kwargs = dict(env_kwargs or {})
+        probe = _make_envs(env_id, self.kwargs, 1)[0]
+        self.obs_dim = int(probe.observation_space.shape[0])
+        self.act_dim = int(probe.action_space.shape[0])
+        self.low = torch.as_tensor(probe.action_space.low, dtype=torch.float32)
+        self.high = torch.as_tensor(probe.action_space.high, dtype=torch.float32)
+        probe.close()
+        self.workers = workers
+        self._local: list = []
+        self._pipes: list = []
+        self._procs: list = []
+        self._sizes: list[int] = []
+        self._tasks = torch.empty(0, 1)
+
+    def _start(self) -> None:
+        ctx = mp.get_context("spawn")
+        for _ in range(self.workers):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_serve, args=(child, self.env_id, self.kwargs), daemon=True)
+            proc.start()
+            self._pipes.append(parent)
+            self._procs.append(proc)
+
+    def sample_tasks(self, num: int, generator: torch.Generator) -> Tensor:
+        if self.goal == "direction":
+            u = torch.randint(0, 2, (num, 1), generator=generator, device=generator.device)
+            return 2.0 * u.float() - 1.0
+        u = torch.rand(num, 1, generator=generator, device=generator.device)
+        return self.goal_low + (self.goal_high - self.goal_low) * u
+
+    def reset(self, tasks: Tensor, generator: torch.Generator) -> Tensor:
+        self._tasks = tasks.float().cpu()
+        seeds = torch.randint(0, 2**31 - 1, (len(tasks),), generator=generator).tolist()
+        if self.workers == 1:
+            if len(seeds) > len(self._local):
+                self._local += _make_envs(self.env_id, self.kwargs, len(seeds) - len(self._local))
+            return torch.as_tensor(_reset(self._local, seeds), dtype=torch.float32)
+        if not self._procs:
+            self._start()
+        parts = np.array_split(np.arange(len(seeds)), self.workers)
+        self._sizes = [len(p) for p in parts]
+        for pipe, part in zip(self._pipes, parts):
+            pipe.send(("reset", [seeds[i] for i in part]))
+        obs = np.concatenate([pipe.recv() for pipe in self._pipes])
+        return torch.as_tensor(obs, dtype=torch.float32)
+
+    def step(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        action = torch.max(torch.min(action.detach().cpu(), self.high), self.low).numpy()
+        if self.workers == 1:
+            results = [_step(self._local, action)]
+        else:
+            lo = 0
+            for pipe, size in zip(self._pipes, self._sizes):
+                pipe.send(("step", action[lo : lo + size]))
+                lo += size
+            results = [pipe.recv() for pipe in self._pipes]
+        obs, velocity, rest, terminated = (np.concatenate(r) for r in zip(*results))
+        velocity = torch.as_tensor(velocity, dtype=torch.float32)
+        goal = self._tasks[:, 0]
+        task_reward = goal * velocity if self.goal == "direction" else -(velocity - goal).abs()
+        reward = task_reward + torch.as_tensor(rest, dtype=torch.float32)
+        return (
+            torch.as_tensor(obs, dtype=torch.float32),
+            reward,
+            torch.as_tensor(terminated),
+        )
+
+    def close(self) -> None:
+        for pipe in self._pipes:
+            try:
+                pipe.send(("close", None))
+            except (BrokenPipeError, OSError):
+                pass
+        for proc in self._procs:
+            proc.join(timeout=5)
+        self._pipes, self._procs = [], []
+        for env in self._local:
+            env.close()
+        self._local = []

@@ -1,0 +1,173 @@
+"""MAML for reinforcement learning: a policy-gradient inner step, a TRPO outer step (§5.3).
+
+One meta-iteration: draw T tasks; with θ, sample K episodes of each task and adapt
+θ'ᵢ = θ − α∇θ L_PG(θ; episodes of task i); with θ'ᵢ, sample K more; move θ by TRPO on the
+mean over tasks of the post-update surrogate, whose gradient flows back through the inner
+policy-gradient step (second order) unless ``first_order``.
+
+The inner loss is the reference code's: −mean(log π(a|s)·Â) with advantages fixed by the
+samples. Its second derivative through θ'ᵢ is what the reference code and pytorch-maml-rl
+differentiate; the term from the pre-update sampling distribution's dependence on θ (which DiCE
+would add) is left out, as there.
+
+References:
+    Finn, Abbeel & Levine (2017), §5.3 and Algorithm 3; Williams (1992), REINFORCE.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from maml_runner.maml import per_task
+from maml_runner.maml.core import inner_update
+from maml_runner.maml.functional import Params
+from maml_runner.models.policy import GaussianPolicy, kl_divergence, log_prob
+from maml_runner.rl.envs import VectorEnv
+from maml_runner.rl.episodes import Episodes, rollout, with_advantages
+from maml_runner.rl.trpo import TRPO
+from maml_runner.tasks.base import make_generator, stream_seed
+
+
+def _masked_task_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` ``[T, M, H]`` over each task's live steps, ``[T]``."""
+    return (values * mask).sum((1, 2)) / mask.sum((1, 2)).clamp_min(1)
+
+
+def pg_loss(policy: GaussianPolicy, params: Params, episodes: Episodes) -> Tensor:
+    """Vanilla policy-gradient loss of each task, ``[T]``: −mean(log π(a|s)·Â)."""
+    mean, log_std = policy.distribution(params, episodes.flat_obs())
+    logp = log_prob(mean, log_std, episodes.flat_actions()).view_as(episodes.mask)
+    return -_masked_task_mean(logp * episodes.advantages, episodes.mask)
+
+
+@dataclass
+class AdaptationResult:
+    returns: Tensor  # [steps+1, T]: mean undiscounted return of each task after s steps
+    episodes: list[Episodes]  # the episodes sampled after each step
+
+
+class MetaRL:
+    """MAML-TRPO (and, with ``inner_steps=0``, the multi-task pretrained baseline)."""
+
+    def __init__(
+        self,
+        env: VectorEnv,
+        policy: GaussianPolicy,
+        optimizer: TRPO,
+        *,
+        inner_lr: float,
+        inner_steps: int,
+        first_order: bool,
+        meta_batch_size: int,
+        episodes_per_task: int,
+        horizon: int,
+        discount: float,
+        normalize_advantages: bool,
+        seed: int,
+    ) -> None:
+        self.env, self.policy, self.optimizer = env, policy, optimizer
+        self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
+        self.meta_batch_size, self.episodes_per_task, self.horizon = (
+            meta_batch_size,
+            episodes_per_task,
+            horizon,
+        )
+        self.discount, self.normalize, self.seed = discount, normalize_advantages, seed
+        self.params: Params = dict(policy.named_parameters())
+        self.last: dict[str, float] = {}
+
+    def sample(self, params: Params, tasks: Tensor, generator: torch.Generator) -> Episodes:
+        params = {n: p.detach() for n, p in params.items()}
+        episodes = rollout(
+            self.env,
+            self.policy,
+            params,
+            tasks,
+            episodes_per_task=self.episodes_per_task,
+            horizon=self.horizon,
+            generator=generator,
+        )
+        return with_advantages(episodes, discount=self.discount, normalize=self.normalize)
+
+    def adapt(
+        self, params: Params, inner: Iterable[Episodes], lr: float, create_graph: bool
+    ) -> Params:
+        for episodes in inner:
+            params = inner_update(
+                lambda p, e=episodes: pg_loss(self.policy, p, e), params, lr, create_graph
+            )
+        return params
+
+    def update(self, step: int) -> Tensor:
+        """One meta-iteration (the trainer's ``update``); returns [post, pre] mean returns."""
+        generator = make_generator(stream_seed(self.seed, step), torch.device("cpu"))
+        tasks = self.env.sample_tasks(self.meta_batch_size, generator)
+        inner: list[Episodes] = []
+        fast = per_task(self.params, self.meta_batch_size)
+        for _ in range(self.inner_steps):  # sample with the current θ'ᵢ, then step
+            inner.append(self.sample(fast, tasks, generator))
+            fast = self.adapt(fast, inner[-1:], self.inner_lr, create_graph=False)
+            fast = {n: p.detach().requires_grad_() for n, p in fast.items()}
+        post = self.sample(fast, tasks, generator)
+        with torch.no_grad():  # π_old: copies, since TRPO moves θ (and θ'ᵢ = θ without inner steps)
+            old = {n: p.detach().clone() for n, p in fast.items()}
+            old_mean, old_log_std = self.policy.distribution(old, post.flat_obs())
+            old_logp = log_prob(old_mean, old_log_std, post.flat_actions()).view_as(post.mask)
+
+        def objective(differentiable: bool) -> tuple[Tensor, Tensor]:
+            with torch.enable_grad():
+                start = (
+                    self.params
+                    if differentiable
+                    else {n: p.detach().requires_grad_() for n, p in self.params.items()}
+                )
+                adapted = self.adapt(
+                    per_task(start, self.meta_batch_size),
+                    inner,
+                    self.inner_lr,
+                    create_graph=differentiable and not self.first_order,
+                )
+                if not differentiable:
+                    adapted = {n: p.detach() for n, p in adapted.items()}
+            mean, log_std = self.policy.distribution(adapted, post.flat_obs())
+            logp = log_prob(mean, log_std, post.flat_actions()).view_as(post.mask)
+            ratio = torch.exp(logp - old_logp)
+            loss = -_masked_task_mean(ratio * post.advantages, post.mask).mean()
+            kl = kl_divergence(old_mean, old_log_std, mean, log_std).view_as(post.mask)
+            return loss, _masked_task_mean(kl, post.mask).mean()
+
+        self.last = self.optimizer.step(objective)
+        pre = inner[0].returns.mean() if inner else post.returns.mean()
+        return torch.stack([post.returns.mean(), pre]).detach()
+
+    def adaptation(
+        self,
+        params: Params,
+        tasks: Tensor,
+        *,
+        steps: int,
+        lr: float,
+        halve_lr: bool,
+        generator: torch.Generator,
+    ) -> AdaptationResult:
+        """Returns after 0..steps policy-gradient steps from θ on each task (the paper's test).
+
+        With ``halve_lr`` the steps after the first use α/2, as the reference code's tests.
+        """
+        fast = per_task({n: p.detach() for n, p in params.items()}, tasks.shape[0])
+        returns, sampled = [], []
+        for s in range(steps + 1):
+            episodes = self.sample(fast, tasks, generator)
+            returns.append(episodes.returns.mean(1))
+            sampled.append(episodes)
+            if s < steps:
+                step_lr = lr / 2 if halve_lr and s > 0 else lr
+                with torch.enable_grad():
+                    fast = {n: p.requires_grad_() for n, p in fast.items()}
+                    fast = self.adapt(fast, [episodes], step_lr, create_graph=False)
+                fast = {n: p.detach() for n, p in fast.items()}
+        return AdaptationResult(torch.stack(returns), sampled)

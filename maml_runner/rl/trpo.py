@@ -1,0 +1,109 @@
+"""Trust-region policy optimisation as MAML's outer optimiser (paper §5.3).
+
+``TRPO.step(objective)`` takes a function returning the surrogate loss and the mean KL at the
+current parameters and moves them along the natural gradient: conjugate gradient on
+Fisher-vector products (Hessian-vector products of the KL, here through the inner update),
+a step scaled to the KL bound, and a backtracking line search that keeps the step only if the
+loss improves and the KL stays within the bound.
+
+References:
+    Schulman et al. (2015), Trust Region Policy Optimization, ICML, arXiv:1502.05477 (App. C).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+Objective = Callable[[bool], tuple[Tensor, Tensor]]
+
+
+def _flat(tensors) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def conjugate_gradient(fvp: Callable[[Tensor], Tensor], b: Tensor, iters: int) -> Tensor:
+    """Approximately solve ``F x = b`` for symmetric positive definite ``F`` given ``x ↦ F x``."""
+    x = torch.zeros_like(b)
+    r, p = b.clone(), b.clone()
+    rr = r @ r
+    for _ in range(iters):
+        fp = fvp(p)
+        alpha = rr / (p @ fp)
+        x += alpha * p
+        r -= alpha * fp
+        rr_new = r @ r
+        if rr_new < 1e-10:
+            break
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return x
+
+
+class TRPO:
+    """Natural-gradient step within ``KL ≤ max_kl`` (the paper: 0.01; rllab's other defaults).
+
+    Args:
+        params: the meta-parameters θ, updated in place.
+        max_kl: δ, the trust region's KL bound.
+        cg_iters: conjugate-gradient iterations.
+        cg_damping: λ added to the Fisher matrix (``F + λI``) for a well-posed solve.
+        backtrack_ratio: the step shrinks by this factor per rejected line-search try.
+        max_backtracks: line-search tries before the step is abandoned.
+    """
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        *,
+        max_kl: float = 0.01,
+        cg_iters: int = 10,
+        cg_damping: float = 1e-5,
+        backtrack_ratio: float = 0.8,
+        max_backtracks: int = 15,
+    ) -> None:
+        self.params = list(params)
+        self.max_kl, self.cg_iters, self.cg_damping = max_kl, cg_iters, cg_damping
+        self.backtrack_ratio, self.max_backtracks = backtrack_ratio, max_backtracks
+
+    def step(self, objective: Objective) -> dict[str, float]:
+        """One TRPO update; ``objective(differentiable)`` → ``(loss, kl)`` at the current θ."""
+        loss, kl = objective(True)
+        g = _flat(torch.autograd.grad(loss, self.params, retain_graph=True))
+        kl_grad = _flat(torch.autograd.grad(kl, self.params, create_graph=True))
+
+        def fvp(v: Tensor) -> Tensor:
+            hv = torch.autograd.grad(kl_grad @ v, self.params, retain_graph=True)
+            return _flat(hv) + self.cg_damping * v
+
+        direction = conjugate_gradient(fvp, g, self.cg_iters)
+        shs = 0.5 * (direction @ fvp(direction))
+        step = direction * torch.sqrt(self.max_kl / shs.clamp_min(1e-12))
+        old = _flat(p.detach() for p in self.params)
+        loss_before = loss.item()
+        for tries in range(self.max_backtracks):
+            self._assign(old - self.backtrack_ratio**tries * step)
+            new_loss, new_kl = (v.item() for v in objective(False))
+            if new_loss < loss_before and new_kl <= self.max_kl:
+                return {
+                    "surrogate_before": loss_before,
+                    "surrogate": new_loss,
+                    "kl": new_kl,
+                    "backtracks": tries,
+                }
+        self._assign(old)  # no acceptable step: keep θ
+        return {
+            "surrogate_before": loss_before,
+            "surrogate": loss_before,
+            "kl": 0.0,
+            "backtracks": self.max_backtracks,
+        }
+
+    @torch.no_grad()
+    def _assign(self, flat: Tensor) -> None:
+        offset = 0
+        for p in self.params:
+            p.copy_(flat[offset : offset + p.numel()].view_as(p))
+            offset += p.numel()
