@@ -19,12 +19,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from maml_runner import checkpoint, config, plots
+from maml_runner import checkpoint, config, distributed, plots
 from maml_runner.build import Experiment, build, build_optimizer
 from maml_runner.errors import UserError
 from maml_runner.evaluation import EvalResult, meta_test
 from maml_runner.paths import conf_dir
-from maml_runner.tracking import Tracker
+from maml_runner.tracking import NullTracker, Tracker
 from maml_runner.trainer import Diverged, fit, gradient_step
 
 config.register()
@@ -121,8 +121,21 @@ def write_plots(exp: Experiment, cfg: DictConfig, result: EvalResult, run_dir: P
     return images
 
 
+class NoCheckpoints:
+    """torchrun's ranks other than 0: rank 0 alone writes checkpoints."""
+
+    def save(self, step: int, best: dict | None, train_time: float) -> None:
+        pass
+
+
 def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
-    """Train and meta-test one config in ``run_dir``; return the objective (lower is better)."""
+    """Train and meta-test one config in ``run_dir``; return the objective (lower is better).
+
+    Under torchrun every rank trains its share of each meta-batch; rank 0 (``lead``) alone logs,
+    checkpoints, validates and meta-tests, and the other ranks return NaN.
+    """
+    distributed.init_from_env()
+    lead = distributed.is_lead()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     exp = build(cfg)
@@ -142,27 +155,34 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
         start, best = state["step"], state["best"]
         train_time = state["extra"].get("train_time", 0.0)
         run_id = state["extra"].get("wandb_run_id")
-        console.print(f"resuming from {path} at step {start}")
+        if lead:
+            console.print(f"resuming from {path} at step {start}")
+    if distributed.world_size() > 1:
+        distributed.broadcast_params(params)
 
     choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
     group = cfg.logger.group
     if group is None and multirun:
         group = Path(HydraConfig.get().sweep.dir).name
-    tracker = Tracker(
-        run_dir,
-        mode=cfg.logger.mode,
-        project=cfg.logger.project,
-        entity=cfg.logger.entity,
-        group=group,
-        tags=list(cfg.logger.tags),
-        config=resolved,
-        run_id=run_id,
-        name=None if not multirun else f"{group}/{HydraConfig.get().job.num}",
+    tracker = (
+        NullTracker()
+        if not lead
+        else Tracker(
+            run_dir,
+            mode=cfg.logger.mode,
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            group=group,
+            tags=list(cfg.logger.tags),
+            config=resolved,
+            run_id=run_id,
+            name=None if not multirun else f"{group}/{HydraConfig.get().job.num}",
+        )
     )
     exit_code = 1
     try:
         validate = None
-        if exp.val_tasks is not None:
+        if exp.val_tasks is not None and lead:
 
             def validate() -> dict[str, float]:
                 r = meta_test(
@@ -175,23 +195,32 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
                 )
                 return {f"meta_val/{m}": r.mean[m][-1] for m in r.mean}
 
+        update, stop = gradient_step(exp.learner, params, optimizer, exp.stream), None
+        if distributed.world_size() > 1:
+            update = distributed.DistributedStep(exp.learner, params, optimizer, exp.stream)
+            stop = update.stop
         try:
             fitted = fit(
-                gradient_step(exp.learner, params, optimizer, exp.stream),
+                update,
                 params,
                 steps=cfg.trainer.steps,
                 tracker=tracker,
-                checkpointer=Checkpoints(run_dir, exp, optimizer, resolved, tracker),
+                checkpointer=Checkpoints(run_dir, exp, optimizer, resolved, tracker)
+                if lead
+                else NoCheckpoints(),
                 start_step=start,
                 train_time=train_time,
                 validate=validate,
                 val_every=cfg.trainer.val_every,
                 checkpoint_every=cfg.trainer.checkpoint_every,
                 log_every=cfg.trainer.log_every,
-                progress=cfg.trainer.progress,
+                progress=cfg.trainer.progress and lead,
                 best=best,
+                stop=stop,
             )
         except Diverged as err:
+            if not lead:
+                raise SystemExit(1) from None
             last = run_dir / "checkpoints" / checkpoint.LAST
             kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint kept"
             console.print(
@@ -201,6 +230,11 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
             if multirun:
                 return float("nan")
             raise SystemExit(1) from None
+        if not lead:
+            if fitted.interrupted:
+                raise SystemExit(130)
+            exit_code = 0
+            return float("nan")  # rank 0 evaluates and reports the objective
         if fitted.interrupted:
             console.print(
                 f"interrupted at step {fitted.step}; checkpoint saved. Continue with:\n"

@@ -9,6 +9,7 @@ Two forms:
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -105,6 +106,24 @@ def resume_overrides(overrides: list[str]) -> list[str]:
     return [*original, *overrides, *extra]
 
 
+def torchrun_overrides(overrides: list[str]) -> list[str]:
+    """Under ``torchrun``: join the process group; every rank writes into rank 0's run folder.
+
+    Rank 0 picks the folder (``outputs/DATE/TIME`` by its clock, unless ``hydra.run.dir`` or
+    ``resume`` names one) and alone writes Hydra's ``.hydra/`` snapshot.
+    """
+    if any(o in ("-m", "--multirun") for o in overrides):
+        fail("--multirun under torchrun: run the sweep's jobs one torchrun at a time")
+    from maml_runner import distributed
+
+    distributed.init_from_env()
+    if not any(o.startswith("hydra.run.dir=") for o in overrides):
+        overrides = [*overrides, f"hydra.run.dir={distributed.shared_run_dir()}"]
+    if not distributed.is_lead():
+        overrides = [*overrides, "hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    return overrides
+
+
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     help="Meta-train and meta-test (the default command). Arguments are Hydra overrides.",
@@ -113,10 +132,19 @@ def train(ctx: typer.Context) -> None:
     overrides = list(ctx.args)
     check_group_choices(overrides)
     overrides = resume_overrides(overrides)
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if torchrun:
+        overrides = torchrun_overrides(overrides)
     from maml_runner.app import main as hydra_main
 
     sys.argv = ["maml-run", *overrides]
-    hydra_main()
+    try:
+        hydra_main()
+    finally:
+        if torchrun:
+            from maml_runner import distributed
+
+            distributed.shutdown()
 
 
 def compose(overrides: list[str]):

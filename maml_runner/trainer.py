@@ -138,8 +138,12 @@ def fit(
     progress: bool = True,
     best: dict | None = None,
     console: Console | None = None,
+    stop: Callable[[bool], bool] | None = None,
 ) -> FitResult:
     """Meta-train from ``start_step`` to ``steps``; checkpoint at the end and on interrupt.
+
+    ``stop(local)``, when given, decides whether to stop after a step, told whether this process
+    got SIGINT/SIGTERM (torchrun's ranks must agree; see ``distributed.DistributedStep.stop``).
 
     Raises:
         Diverged: the loss or θ stopped being finite; the last good checkpoint is kept.
@@ -189,7 +193,7 @@ def fit(
                 )
             if checkpoint_every and step % checkpoint_every == 0 and step < steps:
                 save()
-            if received:
+            if stop(bool(received)) if stop is not None else received:
                 interrupted = True
                 break
         if bar is not None:
