@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -41,6 +42,14 @@ app = typer.Typer(
 )
 COMMANDS = ("train", "config", "presets", "evaluate", "table")
 GROUPS_WITHOUT_FILES = {"hydra"}
+# Hydra plugins behind the `sweeps` extra: launcher/sweeper name → its module in hydra_plugins.
+PLUGINS = {
+    "joblib": "hydra_joblib_launcher",
+    "submitit_local": "hydra_submitit_launcher",
+    "submitit_slurm": "hydra_submitit_launcher",
+    "optuna": "hydra_optuna_sweeper",
+}
+INSTALL_SWEEPS = "pip install 'maml-runner[sweeps]'"
 
 
 def fail(message: str) -> None:
@@ -77,6 +86,39 @@ def check_group_choices(overrides: list[str]) -> None:
         for choice in value.split(","):
             if choice not in groups[key]:
                 fail(f"{key}={choice}: unknown {key}; choose one of {', '.join(groups[key])}")
+    check_plugins(overrides)
+
+
+def missing_plugin(key: str, value: str) -> str | None:
+    """The Hydra plugin that override ``key=value`` needs and this environment lacks, or None.
+
+    ``hydra/launcher=joblib`` names one directly; an option of ``conf/`` (``launcher=joblib``,
+    ``hparams_search=sinusoid_lr``) needs the ones its defaults list overrides.
+    """
+    from importlib.util import find_spec
+
+    if key in ("hydra/launcher", "hydra/sweeper"):
+        names = [value]
+    else:
+        path = _conf_dir() / key / f"{value}.yaml"
+        text = path.read_text() if path.is_file() else ""
+        names = re.findall(r"override /hydra/(?:launcher|sweeper): *(\w+)", text)
+    for name in names:
+        if name in PLUGINS and find_spec(f"hydra_plugins.{PLUGINS[name]}") is None:
+            return PLUGINS[name].replace("_", "-")
+    return None
+
+
+def check_plugins(overrides: list[str]) -> None:
+    """``launcher=joblib`` without the joblib plugin installed: one line with the pip command."""
+    for item in overrides:
+        if "=" not in item or item.startswith("-"):
+            continue
+        key, value = item.split("=", 1)
+        for choice in value.split(","):
+            package = missing_plugin(key.lstrip("+~"), choice)
+            if package:
+                fail(f"{key}={choice} needs the Hydra plugin {package}: {INSTALL_SWEEPS}")
 
 
 def resume_overrides(overrides: list[str]) -> list[str]:
