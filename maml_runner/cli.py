@@ -3,7 +3,7 @@
 Two forms:
     maml-run [HYDRA OVERRIDES...]     train (the default): ``maml-run task=sinusoid k=5``,
                                       ``maml-run -m k=5,10 seed=0,1,2`` (a Hydra multirun)
-    maml-run COMMAND [ARGS...]        config | presets | evaluate | table
+    maml-run COMMAND [ARGS...]        config | presets | evaluate | table | sweep-results
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-COMMANDS = ("train", "config", "presets", "evaluate", "table")
+COMMANDS = ("train", "config", "presets", "evaluate", "table", "sweep-results")
 GROUPS_WITHOUT_FILES = {"hydra"}
 # Hydra plugins behind the `sweeps` extra: launcher/sweeper name → its module in hydra_plugins.
 PLUGINS = {
@@ -316,6 +316,37 @@ def table(
     if plot is not None:
         plot_runs(runs, plot)
         typer.echo(f"wrote {plot}")
+
+
+@app.command(
+    "sweep-results",
+    help="Turn a multirun folder into one row per setting: mean ± 95% CI over seeds.",
+)
+def sweep_results(
+    paths: Annotated[list[Path], typer.Argument(help="sweep folders (multirun/DATE/TIME)")],
+    csv: Annotated[Path | None, typer.Option(help="also write the rows to this CSV file")] = None,
+    out: Annotated[Path | None, typer.Option(help="also write the table to this file")] = None,
+    metric: Annotated[str, typer.Option(help="query_loss | query_acc")] = "query_loss",
+) -> None:
+    from maml_runner.results import by_setting, collect, setting_rows, settings_markdown, write_csv
+
+    runs = collect(paths)
+    if not runs:
+        fail(f"paths={' '.join(map(str, paths))}: no metrics.json found (finished runs write one)")
+    missing = [r.folder for r in runs if metric not in r.result.mean]
+    if missing:
+        fail(
+            f"--metric {metric}: {missing[0]} has none; choose one of "
+            f"{', '.join(runs[0].result.mean)}"
+        )
+    rows = setting_rows(by_setting(runs), metric)
+    text = settings_markdown(rows, metric)
+    typer.echo(text)
+    if out is not None:
+        out.write_text(text + "\n")
+    if csv is not None:
+        write_csv(rows, csv)
+        typer.echo(f"wrote {csv}")
 
 
 def main() -> None:
