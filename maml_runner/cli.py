@@ -296,6 +296,22 @@ def _evaluate(run: Path, num_tasks, seed, steps, device) -> None:
     console.print(f"wrote {out}")
 
 
+def finished_runs(paths: list[Path]) -> list:
+    """Every run with a metrics.json under ``paths``; none is an error."""
+    from maml_runner.results import collect
+
+    runs = collect(paths)
+    if not runs:
+        fail(f"paths={' '.join(map(str, paths))}: no metrics.json found (finished runs write one)")
+    return runs
+
+
+def echo_table(text: str, out: Path | None) -> None:
+    typer.echo(text)
+    if out is not None:
+        out.write_text(text + "\n")
+
+
 @app.command(help="Turn run or sweep folders into a markdown table (ours beside the paper's).")
 def table(
     paths: Annotated[list[Path], typer.Argument(help="run folders, sweep folders or metrics.json")],
@@ -304,15 +320,10 @@ def table(
         Path | None, typer.Option(help="also draw all runs' curves to this PNG")
     ] = None,
 ) -> None:
-    from maml_runner.results import collect, markdown_table, plot_runs
+    from maml_runner.results import markdown_table, plot_runs
 
-    runs = collect(paths)
-    if not runs:
-        fail(f"paths={' '.join(map(str, paths))}: no metrics.json found (finished runs write one)")
-    text = markdown_table(runs)
-    typer.echo(text)
-    if out is not None:
-        out.write_text(text + "\n")
+    runs = finished_runs(paths)
+    echo_table(markdown_table(runs), out)
     if plot is not None:
         plot_runs(runs, plot)
         typer.echo(f"wrote {plot}")
@@ -328,11 +339,9 @@ def sweep_results(
     out: Annotated[Path | None, typer.Option(help="also write the table to this file")] = None,
     metric: Annotated[str, typer.Option(help="query_loss | query_acc")] = "query_loss",
 ) -> None:
-    from maml_runner.results import by_setting, collect, setting_rows, settings_markdown, write_csv
+    from maml_runner.results import by_setting, setting_rows, settings_markdown, write_csv
 
-    runs = collect(paths)
-    if not runs:
-        fail(f"paths={' '.join(map(str, paths))}: no metrics.json found (finished runs write one)")
+    runs = finished_runs(paths)
     missing = [r.folder for r in runs if metric not in r.result.mean]
     if missing:
         fail(
@@ -340,10 +349,7 @@ def sweep_results(
             f"{', '.join(runs[0].result.mean)}"
         )
     rows = setting_rows(by_setting(runs), metric)
-    text = settings_markdown(rows, metric)
-    typer.echo(text)
-    if out is not None:
-        out.write_text(text + "\n")
+    echo_table(settings_markdown(rows, metric), out)
     if csv is not None:
         write_csv(rows, csv)
         typer.echo(f"wrote {csv}")
