@@ -19,12 +19,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
-from maml_runner import checkpoint, config, plots
+from maml_runner import checkpoint, config, distributed, plots
 from maml_runner.build import Experiment, build, build_optimizer, build_rl, is_rl
 from maml_runner.errors import UserError
 from maml_runner.evaluation import EvalResult, meta_test
 from maml_runner.paths import conf_dir
-from maml_runner.tracking import Tracker
+from maml_runner.tracking import NullTracker, Tracker
 from maml_runner.trainer import Diverged, fit, gradient_step
 
 config.register()
@@ -121,6 +121,13 @@ def write_plots(exp: Experiment, cfg: DictConfig, result: EvalResult, run_dir: P
     return images
 
 
+class NoCheckpoints:
+    """torchrun's ranks other than 0: rank 0 alone writes checkpoints."""
+
+    def save(self, step: int, best: dict | None, train_time: float) -> None:
+        pass
+
+
 def _resume(
     cfg: DictConfig, model, optimizer, device
 ) -> tuple[int, float, dict | None, str | None]:
@@ -134,12 +141,15 @@ def _resume(
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     checkpoint.set_rng_state(state["rng"])
-    console.print(f"resuming from {path} at step {state['step']}")
+    if distributed.is_lead():
+        console.print(f"resuming from {path} at step {state['step']}")
     extra = state["extra"]
     return state["step"], extra.get("train_time", 0.0), state["best"], extra.get("wandb_run_id")
 
 
-def _tracker(cfg: DictConfig, run_dir: Path, multirun: bool, resolved: dict, run_id) -> Tracker:
+def _tracker(cfg: DictConfig, run_dir: Path, multirun: bool, resolved: dict, run_id):
+    if not distributed.is_lead():
+        return NullTracker()
     group = cfg.logger.group
     if group is None and multirun:
         group = Path(HydraConfig.get().sweep.dir).name
@@ -169,10 +179,12 @@ def _train(update, params, cfg: DictConfig, run_dir: Path, multirun: bool, **kwa
             val_every=cfg.trainer.val_every,
             checkpoint_every=cfg.trainer.checkpoint_every,
             log_every=cfg.trainer.log_every,
-            progress=cfg.trainer.progress,
+            progress=cfg.trainer.progress and distributed.is_lead(),
             **kwargs,
         )
     except Diverged as err:
+        if not distributed.is_lead():
+            raise SystemExit(1) from None
         last = run_dir / "checkpoints" / checkpoint.LAST
         kept = f"the last good checkpoint is {last}" if last.exists() else "no checkpoint kept"
         console.print(
@@ -182,6 +194,8 @@ def _train(update, params, cfg: DictConfig, run_dir: Path, multirun: bool, **kwa
         if multirun:
             return None
         raise SystemExit(1) from None
+    if fitted.interrupted and not distributed.is_lead():
+        raise SystemExit(130)
     if fitted.interrupted:
         console.print(
             f"interrupted at step {fitted.step}; checkpoint saved. Continue with:\n"
@@ -225,11 +239,17 @@ def _summarise(tracker: Tracker, result: EvalResult, step: int) -> None:
 
 
 def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
-    """Train and meta-test one config in ``run_dir``; return the objective (lower is better)."""
+    """Train and meta-test one config in ``run_dir``; return the objective (lower is better).
+
+    Under torchrun every rank trains its share of each meta-batch; rank 0 (``lead``) alone logs,
+    checkpoints, validates and meta-tests, and the other ranks return NaN.
+    """
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if is_rl(cfg):
         return run_rl(cfg, run_dir, multirun=multirun)
+    distributed.init_from_env()
+    lead = distributed.is_lead()
     exp = build(cfg)
     if cfg.trainer.num_threads is not None:
         torch.set_num_threads(cfg.trainer.num_threads)
@@ -237,11 +257,13 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
     params = dict(exp.model.named_parameters())
     resolved = OmegaConf.to_container(cfg, resolve=True)
     start, train_time, best, run_id = _resume(cfg, exp.model, optimizer, exp.device)
+    if distributed.world_size() > 1:
+        distributed.broadcast_params(params)
     tracker = _tracker(cfg, run_dir, multirun, resolved, run_id)
     exit_code = 1
     try:
         validate = None
-        if exp.val_tasks is not None:
+        if exp.val_tasks is not None and lead:
 
             def validate() -> dict[str, float]:
                 r = meta_test(
@@ -254,21 +276,31 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
                 )
                 return {f"meta_val/{m}": r.mean[m][-1] for m in r.mean}
 
+        update, stop = gradient_step(exp.learner, params, optimizer, exp.stream), None
+        if distributed.world_size() > 1:
+            update = distributed.DistributedStep(exp.learner, params, optimizer, exp.stream)
+            stop = update.stop
         fitted = _train(
-            gradient_step(exp.learner, params, optimizer, exp.stream),
+            update,
             params,
             cfg,
             run_dir,
             multirun,
             tracker=tracker,
-            checkpointer=Checkpoints(run_dir, exp.model, optimizer, resolved, tracker),
+            checkpointer=Checkpoints(run_dir, exp.model, optimizer, resolved, tracker)
+            if lead
+            else NoCheckpoints(),
             start_step=start,
             train_time=train_time,
             validate=validate,
             best=best,
+            stop=stop,
         )
         if fitted is None:
             return float("nan")
+        if not lead:
+            exit_code = 0
+            return float("nan")  # rank 0 evaluates and reports the objective
         console.print(
             f"meta-trained {fitted.step} steps in {fitted.train_time:.1f} s "
             f"({fitted.it_per_s:.3g} it/s this session) on {device_name(exp.device)}"

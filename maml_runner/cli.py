@@ -3,12 +3,14 @@
 Two forms:
     maml-run [HYDRA OVERRIDES...]     train (the default): ``maml-run task=sinusoid k=5``,
                                       ``maml-run -m k=5,10 seed=0,1,2`` (a Hydra multirun)
-    maml-run COMMAND [ARGS...]        config | presets | evaluate | table
+    maml-run COMMAND [ARGS...]        config | presets | evaluate | table | sweep-results
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -38,8 +40,16 @@ app = typer.Typer(
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-COMMANDS = ("train", "config", "presets", "evaluate", "table")
+COMMANDS = ("train", "config", "presets", "evaluate", "table", "sweep-results")
 GROUPS_WITHOUT_FILES = {"hydra"}
+# Hydra plugins behind the `sweeps` extra: launcher/sweeper name → its module in hydra_plugins.
+PLUGINS = {
+    "joblib": "hydra_joblib_launcher",
+    "submitit_local": "hydra_submitit_launcher",
+    "submitit_slurm": "hydra_submitit_launcher",
+    "optuna": "hydra_optuna_sweeper",
+}
+INSTALL_SWEEPS = "pip install 'maml-runner[sweeps]'"
 
 
 def fail(message: str) -> None:
@@ -76,6 +86,39 @@ def check_group_choices(overrides: list[str]) -> None:
         for choice in value.split(","):
             if choice not in groups[key]:
                 fail(f"{key}={choice}: unknown {key}; choose one of {', '.join(groups[key])}")
+    check_plugins(overrides)
+
+
+def missing_plugin(key: str, value: str) -> str | None:
+    """The Hydra plugin that override ``key=value`` needs and this environment lacks, or None.
+
+    ``hydra/launcher=joblib`` names one directly; an option of ``conf/`` (``launcher=joblib``,
+    ``hparams_search=sinusoid_lr``) needs the ones its defaults list overrides.
+    """
+    from importlib.util import find_spec
+
+    if key in ("hydra/launcher", "hydra/sweeper"):
+        names = [value]
+    else:
+        path = _conf_dir() / key / f"{value}.yaml"
+        text = path.read_text() if path.is_file() else ""
+        names = re.findall(r"override /hydra/(?:launcher|sweeper): *(\w+)", text)
+    for name in names:
+        if name in PLUGINS and find_spec(f"hydra_plugins.{PLUGINS[name]}") is None:
+            return PLUGINS[name].replace("_", "-")
+    return None
+
+
+def check_plugins(overrides: list[str]) -> None:
+    """``launcher=joblib`` without the joblib plugin installed: one line with the pip command."""
+    for item in overrides:
+        if "=" not in item or item.startswith("-"):
+            continue
+        key, value = item.split("=", 1)
+        for choice in value.split(","):
+            package = missing_plugin(key.lstrip("+~"), choice)
+            if package:
+                fail(f"{key}={choice} needs the Hydra plugin {package}: {INSTALL_SWEEPS}")
 
 
 def resume_overrides(overrides: list[str]) -> list[str]:
@@ -105,6 +148,24 @@ def resume_overrides(overrides: list[str]) -> list[str]:
     return [*original, *overrides, *extra]
 
 
+def torchrun_overrides(overrides: list[str]) -> list[str]:
+    """Under ``torchrun``: join the process group; every rank writes into rank 0's run folder.
+
+    Rank 0 picks the folder (``outputs/DATE/TIME`` by its clock, unless ``hydra.run.dir`` or
+    ``resume`` names one) and alone writes Hydra's ``.hydra/`` snapshot.
+    """
+    if any(o in ("-m", "--multirun") for o in overrides):
+        fail("--multirun under torchrun: run the sweep's jobs one torchrun at a time")
+    from maml_runner import distributed
+
+    distributed.init_from_env()
+    if not any(o.startswith("hydra.run.dir=") for o in overrides):
+        overrides = [*overrides, f"hydra.run.dir={distributed.shared_run_dir()}"]
+    if not distributed.is_lead():
+        overrides = [*overrides, "hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    return overrides
+
+
 @app.command(
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
     help="Meta-train and meta-test (the default command). Arguments are Hydra overrides.",
@@ -113,10 +174,19 @@ def train(ctx: typer.Context) -> None:
     overrides = list(ctx.args)
     check_group_choices(overrides)
     overrides = resume_overrides(overrides)
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if torchrun:
+        overrides = torchrun_overrides(overrides)
     from maml_runner.app import main as hydra_main
 
     sys.argv = ["maml-run", *overrides]
-    hydra_main()
+    try:
+        hydra_main()
+    finally:
+        if torchrun:
+            from maml_runner import distributed
+
+            distributed.shutdown()
 
 
 def compose(overrides: list[str]):
@@ -226,6 +296,22 @@ def _evaluate(run: Path, num_tasks, seed, steps, device) -> None:
     console.print(f"wrote {out}")
 
 
+def finished_runs(paths: list[Path]) -> list:
+    """Every run with a metrics.json under ``paths``; none is an error."""
+    from maml_runner.results import collect
+
+    runs = collect(paths)
+    if not runs:
+        fail(f"paths={' '.join(map(str, paths))}: no metrics.json found (finished runs write one)")
+    return runs
+
+
+def echo_table(text: str, out: Path | None) -> None:
+    typer.echo(text)
+    if out is not None:
+        out.write_text(text + "\n")
+
+
 @app.command(help="Turn run or sweep folders into a markdown table (ours beside the paper's).")
 def table(
     paths: Annotated[list[Path], typer.Argument(help="run folders, sweep folders or metrics.json")],
@@ -234,18 +320,39 @@ def table(
         Path | None, typer.Option(help="also draw all runs' curves to this PNG")
     ] = None,
 ) -> None:
-    from maml_runner.results import collect, markdown_table, plot_runs
+    from maml_runner.results import markdown_table, plot_runs
 
-    runs = collect(paths)
-    if not runs:
-        fail(f"paths={' '.join(map(str, paths))}: no metrics.json found (finished runs write one)")
-    text = markdown_table(runs)
-    typer.echo(text)
-    if out is not None:
-        out.write_text(text + "\n")
+    runs = finished_runs(paths)
+    echo_table(markdown_table(runs), out)
     if plot is not None:
         plot_runs(runs, plot)
         typer.echo(f"wrote {plot}")
+
+
+@app.command(
+    "sweep-results",
+    help="Turn a multirun folder into one row per setting: mean ± 95% CI over seeds.",
+)
+def sweep_results(
+    paths: Annotated[list[Path], typer.Argument(help="sweep folders (multirun/DATE/TIME)")],
+    csv: Annotated[Path | None, typer.Option(help="also write the rows to this CSV file")] = None,
+    out: Annotated[Path | None, typer.Option(help="also write the table to this file")] = None,
+    metric: Annotated[str, typer.Option(help="query_loss | query_acc")] = "query_loss",
+) -> None:
+    from maml_runner.results import by_setting, setting_rows, settings_markdown, write_csv
+
+    runs = finished_runs(paths)
+    missing = [r.folder for r in runs if metric not in r.result.mean]
+    if missing:
+        fail(
+            f"--metric {metric}: {missing[0]} has none; choose one of "
+            f"{', '.join(runs[0].result.mean)}"
+        )
+    rows = setting_rows(by_setting(runs), metric)
+    echo_table(settings_markdown(rows, metric), out)
+    if csv is not None:
+        write_csv(rows, csv)
+        typer.echo(f"wrote {csv}")
 
 
 def main() -> None:

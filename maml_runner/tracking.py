@@ -96,6 +96,25 @@ class Tracker:
             self._run = None
 
 
+class NullTracker:
+    """Records nothing: torchrun's ranks other than 0 (rank 0 keeps the history and W&B run)."""
+
+    run_id = None
+    wandb_dir = None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def log_images(self, images: dict[str, Path], step: int) -> None:
+        pass
+
+    def summary(self, values: dict[str, Any]) -> None:
+        pass
+
+    def close(self, exit_code: int = 0) -> None:
+        pass
+
+
 def _json_number(value: float) -> float | str:
     value = float(value)
     return value if math.isfinite(value) else str(value)

@@ -140,12 +140,15 @@ def fit(
     best: dict | None = None,
     console: Console | None = None,
     metrics: Sequence[str] = ("meta_train/query_loss",),
+    stop: Callable[[bool], bool] | None = None,
 ) -> FitResult:
     """Meta-train from ``start_step`` to ``steps``; checkpoint at the end and on interrupt.
 
     ``update(step)`` returns the step's training figures, named by ``metrics`` (a scalar for one
     name, a vector for several); their means over ``log_every`` steps are logged and the first is
     shown in the progress display. ``maximize``: a higher ``val_key`` is better (RL returns).
+    ``stop(local)``, when given, decides whether to stop after a step, told whether this process
+    got SIGINT/SIGTERM (torchrun's ranks must agree; see ``distributed.DistributedStep.stop``).
 
     Raises:
         Diverged: the loss or θ stopped being finite; the last good checkpoint is kept.
@@ -199,7 +202,7 @@ def fit(
                 )
             if checkpoint_every and step % checkpoint_every == 0 and step < steps:
                 save()
-            if received:
+            if stop(bool(received)) if stop is not None else received:
                 interrupted = True
                 break
         if bar is not None:

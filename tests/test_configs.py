@@ -10,6 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from maml_runner.build import build, build_optimizer, build_rl, is_rl
+from maml_runner.cli import missing_plugin
 from maml_runner.errors import UserError
 from maml_runner.paths import conf_dir
 from tests.helpers import make_config
@@ -69,6 +70,9 @@ def test_options_are_found() -> None:
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_option_composes_and_builds(group: str, option: str) -> None:
+    package = missing_plugin(group, option)
+    if package:
+        pytest.skip(f"{group}={option} needs {package} (pip install 'maml-runner[sweeps]')")
     # Small meta-batches keep the conv presets fast; everything else is the option's own.
     base = [
         f"{group}={option}",

@@ -35,6 +35,17 @@ class TaskBatch:
     def num_tasks(self) -> int:
         return self.support_x.shape[0]
 
+    def tasks(self, lo: int, hi: int) -> TaskBatch:
+        """Tasks ``lo..hi-1`` (views, no copy)."""
+        info = None if self.info is None else {k: v[lo:hi] for k, v in self.info.items()}
+        return TaskBatch(
+            self.support_x[lo:hi],
+            self.support_y[lo:hi],
+            self.query_x[lo:hi],
+            self.query_y[lo:hi],
+            info,
+        )
+
 
 def inner_update(
     per_task_loss: Callable[[Params], Tensor], params: Params, lr: float, create_graph: bool

@@ -70,13 +70,7 @@ class TaskStream:
             self._cached = (index, tasks)
         tasks = self._cached[1]
         lo, hi = offset * self.meta_batch_size, (offset + 1) * self.meta_batch_size
-        return TaskBatch(
-            tasks.support_x[lo:hi],
-            tasks.support_y[lo:hi],
-            tasks.query_x[lo:hi],
-            tasks.query_y[lo:hi],
-            None if tasks.info is None else {k: v[lo:hi] for k, v in tasks.info.items()},
-        )
+        return tasks.tasks(lo, hi)
 
 
 class FixedTasks:
@@ -126,8 +120,4 @@ class FixedTasks:
 
     def first(self, num: int) -> TaskBatch:
         """The first ``num`` tasks of the set (for plots)."""
-        b = next(iter(self.batches()))
-        info = None if b.info is None else {k: v[:num] for k, v in b.info.items()}
-        return TaskBatch(
-            b.support_x[:num], b.support_y[:num], b.query_x[:num], b.query_y[:num], info
-        )
+        return next(iter(self.batches())).tasks(0, num)
