@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from maml_runner import checkpoint, config, distributed, plots
-from maml_runner.build import Experiment, build, build_optimizer, build_rl, is_rl
+from maml_runner.build import Experiment, RLExperiment, build, build_optimizer, build_rl, is_rl
 from maml_runner.errors import UserError
 from maml_runner.evaluation import EvalResult, meta_test
 from maml_runner.paths import conf_dir
@@ -247,6 +247,11 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if is_rl(cfg):
+        if distributed.launched():
+            raise UserError(
+                f"task={cfg.task.name}: RL runs do not split over torchrun ranks; run it with "
+                f"maml-run (its environments already step in task.workers processes)"
+            )
         return run_rl(cfg, run_dir, multirun=multirun)
     distributed.init_from_env()
     lead = distributed.is_lead()
@@ -321,11 +326,32 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
         tracker.close(exit_code)
 
 
-def run_rl(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
-    """MAML-TRPO (or the pretrained baseline) on an RL task family; objective = −final return."""
-    from maml_runner.evaluation import mean_ci95
+def rl_adaptation(exp: RLExperiment, cfg: DictConfig, params, tasks, steps: int, seed: int):
+    """Returns of ``tasks`` after 0..steps policy-gradient steps from ``params`` (seeded)."""
     from maml_runner.tasks.base import make_generator
 
+    return exp.learner.adaptation(
+        params,
+        tasks,
+        steps=steps,
+        lr=cfg.inner.lr,
+        halve_lr=cfg.task.eval_halve_lr,
+        generator=make_generator(seed, torch.device("cpu")),
+    )
+
+
+def rl_meta_test(exp: RLExperiment, cfg: DictConfig, params) -> tuple[EvalResult, object]:
+    """The paper's RL test: mean return (± 95% CI over test tasks) after 0..eval_steps steps."""
+    from maml_runner.evaluation import mean_ci95
+
+    adapted = rl_adaptation(exp, cfg, params, exp.test_tasks, cfg.inner.eval_steps, cfg.eval.seed)
+    mean, ci95 = mean_ci95(adapted.returns)
+    steps, num = adapted.returns.shape
+    return EvalResult(list(range(steps)), num, {"return": mean}, {"return": ci95}), adapted
+
+
+def run_rl(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
+    """MAML-TRPO (or the pretrained baseline) on an RL task family; objective = −final return."""
     if cfg.trainer.num_threads is not None:
         torch.set_num_threads(cfg.trainer.num_threads)
     exp = build_rl(cfg)
@@ -339,28 +365,12 @@ def run_rl(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
         exp.env.close()
         raise
 
-    def adaptation(params, tasks, steps: int, seed: int):
-        return learner.adaptation(
-            params,
-            tasks,
-            steps=steps,
-            lr=cfg.inner.lr,
-            halve_lr=cfg.task.eval_halve_lr,
-            generator=make_generator(seed, torch.device("cpu")),
-        )
-
-    def summarise(returns: torch.Tensor) -> EvalResult:
-        mean, ci95 = mean_ci95(returns)
-        return EvalResult(
-            list(range(returns.shape[0])), returns.shape[1], {"return": mean}, {"return": ci95}
-        )
-
     try:
         validate = None
         if cfg.trainer.val_every > 0:
 
             def validate() -> dict[str, float]:
-                r = adaptation(learner.params, exp.val_tasks, 1, cfg.trainer.val_seed)
+                r = rl_adaptation(exp, cfg, learner.params, exp.val_tasks, 1, cfg.trainer.val_seed)
                 return {"meta_val/return_step1": r.returns[-1].mean().item()}
 
         fitted = _train(
@@ -386,9 +396,8 @@ def run_rl(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
             f"({fitted.it_per_s:.3g} it/s this session) on {device_name(exp.device)}"
         )
         steps = cfg.inner.eval_steps
-        ours = adaptation(learner.params, exp.test_tasks, steps, cfg.eval.seed)
-        random_init = adaptation(exp.initial_state, exp.test_tasks, steps, cfg.eval.seed)
-        result, baseline = summarise(ours.returns), summarise(random_init.returns)
+        result, ours = rl_meta_test(exp, cfg, learner.params)
+        baseline, _ = rl_meta_test(exp, cfg, exp.initial_state)
         print_result(result, list(cfg.eval.report_steps), cfg.paper)
         console.print(
             "random initialisation: "

@@ -61,8 +61,35 @@ def _number(value: float) -> str:
     return f"{value:.3f}" if abs(value) < 1000 else f"{value:.2g}"
 
 
-def markdown_table(runs: list[Run], metric: str = "query_loss") -> str:
-    """One row per run: metric (mean ± 95% CI) after each reported step, and the paper's value."""
+def table_metric(runs: list[Run]) -> str:
+    """The metric a table of ``runs`` shows: the one their paper numbers use, else the first."""
+    for run in runs:
+        paper = run.metrics.get("paper")
+        if paper and paper.get("metric") in run.result.mean:
+            return paper["metric"]
+    return next(iter(runs[0].result.mean))
+
+
+def _with_baselines(runs: list[Run]) -> list[Run]:
+    """RL runs also hold their random initialisation's curve: show it as a row of its own."""
+    rows = []
+    for run in runs:
+        rows.append(run)
+        for name, result in (run.metrics.get("baselines") or {}).items():
+            m = {**run.metrics, "meta_test": result, "paper": None}
+            m["experiment"] = f"{run.metrics.get('experiment') or run.metrics['task']}: {name}"
+            m["train"] = {"steps": 0, "train_time_s": 0.0}
+            rows.append(Run(run.folder, m))
+    return rows
+
+
+def markdown_table(runs: list[Run], metric: str | None = None) -> str:
+    """One row per run: metric (mean ± 95% CI) after each reported step, and the paper's value.
+
+    ``metric`` defaults to ``table_metric(runs)``; RL runs add a row for their random init.
+    """
+    metric = metric or table_metric(runs)
+    runs = _with_baselines(runs)
     steps = _steps(runs)
     head = ["run", "K (test)", "meta-iterations", "train time"]
     head += [f"{metric} @{s} (ours)" for s in steps] + [f"@{s} (paper)" for s in steps]
@@ -93,10 +120,11 @@ def markdown_table(runs: list[Run], metric: str = "query_loss") -> str:
     return "\n".join(lines)
 
 
-def plot_runs(runs: list[Run], path: Path, metric: str = "query_loss") -> Path:
+def plot_runs(runs: list[Run], path: Path, metric: str | None = None) -> Path:
     from maml_runner.plots import adaptation_curves
 
-    curves = {run.label: run.result for run in runs}
+    metric = metric or table_metric(runs)
+    curves = {run.label: run.result for run in _with_baselines(runs)}
     paper = {}
     for run in runs:
         p = run.metrics.get("paper")

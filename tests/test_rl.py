@@ -3,6 +3,7 @@ through the inner policy-gradient step, TRPO, and a short 2D-navigation run that
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -259,3 +260,46 @@ def test_short_navigation_run_learns_to_adapt(tmp_path) -> None:
     assert ret[1] > rand[1] + 20, (ret, rand)
     assert (run / "trajectories.png").exists() and (run / "adaptation.png").exists()
     assert list((run / "wandb").glob("offline-run-*"))
+
+
+TINY_NAV = [
+    "experiment=finn17_nav2d",
+    "trainer.meta_batch_size=3",
+    "task.k_shot=4",
+    "task.horizon=20",
+    "eval.num_tasks=4",
+    "eval.plot_tasks=2",
+    "trainer.progress=false",
+    "logger.mode=disabled",
+]
+
+
+def test_rl_resume_is_exact_and_evaluate_reads_rl_runs(tmp_path) -> None:
+    """4 iterations in one go == 2, then `resume=DIR trainer.steps=4`; `maml-run evaluate`
+    re-runs the RL meta-test from the checkpoint and gets the run's own numbers."""
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    maml_run([*TINY_NAV, "trainer.steps=4", f"hydra.run.dir={straight}"], cwd=tmp_path)
+    maml_run([*TINY_NAV, "trainer.steps=2", f"hydra.run.dir={split}"], cwd=tmp_path)
+    maml_run([f"resume={split}", "trainer.steps=4"], cwd=tmp_path)
+    a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
+    b = torch.load(split / "checkpoints" / "last.pt", weights_only=True)
+    assert a["step"] == b["step"] == 4
+    for name, weight in a["model"].items():
+        assert torch.equal(weight, b["model"][name]), name
+    proc = maml_run(["evaluate", str(straight)], cwd=tmp_path)
+    assert "return" in proc.stdout
+    evaluated = json.loads(next((straight / "checkpoints").glob("eval_*.json")).read_text())
+    ours = read_metrics(straight)["meta_test"]["return"]["mean"]
+    assert evaluated["meta_test"]["return"]["mean"] == pytest.approx(ours, rel=1e-5)
+
+
+def test_rl_bad_input_is_one_line(tmp_path) -> None:
+    for args, expected in (
+        (["task=nav2d"], "model=mlp: task=nav2d needs model=gaussian_mlp outer=trpo"),
+        ([*TINY_NAV, "task.reward=manhattan"], "task.reward=manhattan: choose one of"),
+        ([*TINY_NAV, "task=cheetah_dir", "task.env=Nope-v0"], "task.env=Nope-v0"),
+        (["task=sinusoid", "outer=trpo"], "the Gaussian policy and TRPO are for RL tasks"),
+    ):
+        proc = maml_run(args, cwd=tmp_path, check=False)
+        assert proc.returncode == 2, proc.stderr
+        assert expected in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
