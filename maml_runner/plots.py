@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import nn  # noqa: E402
 
 from maml_runner.evaluation import EvalResult  # noqa: E402
@@ -40,6 +41,7 @@ def adaptation_curves(
     lows = [v for r in curves.values() for v in r.mean[metric] if math.isfinite(v) and v > 0]
     if metric == "query_loss" and lows and max(lows) > 20 * min(lows):
         ax.set_yscale("log")  # one diverging run must not flatten the others
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("inner gradient steps at meta-test")
     ax.set_ylabel(LABELS.get(metric, metric))
     ax.set_title(title or "adaptation on held-out tasks (mean ± 95% CI)")
