@@ -72,12 +72,17 @@ def table_metric(runs: list[Run]) -> str:
 
 def _with_baselines(runs: list[Run]) -> list[Run]:
     """RL runs also hold their random initialisation's curve: show it as a row of its own."""
-    rows = []
+    rows, seen = [], set()
     for run in runs:
         rows.append(run)
         for name, result in (run.metrics.get("baselines") or {}).items():
+            # runs of one task and seed share their initialisation: show it once
+            key = (run.metrics["task"], run.metrics["seed"], name, str(result))
+            if key in seen:
+                continue
+            seen.add(key)
             m = {**run.metrics, "meta_test": result, "paper": None}
-            m["experiment"] = f"{run.metrics.get('experiment') or run.metrics['task']}: {name}"
+            m["experiment"] = f"{run.metrics['task']} {name.replace('_', ' ')}"
             m["train"] = {"steps": 0, "train_time_s": 0.0}
             rows.append(Run(run.folder, m))
     return rows

@@ -291,6 +291,9 @@ def test_rl_resume_is_exact_and_evaluate_reads_rl_runs(tmp_path) -> None:
     evaluated = json.loads(next((straight / "checkpoints").glob("eval_*.json")).read_text())
     ours = read_metrics(straight)["meta_test"]["return"]["mean"]
     assert evaluated["meta_test"]["return"]["mean"] == pytest.approx(ours, rel=1e-5)
+    table = maml_run(["table", str(straight), str(split)], cwd=tmp_path).stdout
+    assert "return @3 (ours)" in table and "-40.41" in table
+    assert table.count("nav2d random init") == 1  # same task and seed: one shared init row
 
 
 def test_rl_bad_input_is_one_line(tmp_path) -> None:
