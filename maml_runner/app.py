@@ -90,11 +90,16 @@ def print_result(result: EvalResult, report_steps: list[int], paper: dict | None
     console.print(table)
 
 
+def _paper_curve(cfg: DictConfig, metric: str) -> dict | None:
+    """The preset's paper numbers as ``{label: (steps, values)}`` for a plot of ``metric``."""
+    if not (cfg.paper and cfg.paper.metric == metric):
+        return None
+    return {cfg.algorithm.name: (list(cfg.paper.steps), list(cfg.paper.mean))}
+
+
 def write_plots(exp: Experiment, cfg: DictConfig, result: EvalResult, run_dir: Path) -> dict:
     label = cfg.algorithm.name
-    paper = None
-    if cfg.paper and cfg.paper.metric == "query_loss":
-        paper = {label: (list(cfg.paper.steps), list(cfg.paper.mean))}
+    paper = _paper_curve(cfg, "query_loss")
     images = {
         "plots/adaptation": plots.adaptation_curves(
             {label: result}, run_dir / "adaptation.png", paper=paper
@@ -411,16 +416,12 @@ def run_rl(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
         metrics["baselines"] = {"random_init": baseline.to_dict()}
         (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
         _summarise(tracker, result, fitted.step)
-        label = cfg.algorithm.name
-        paper = None
-        if cfg.paper and cfg.paper.metric == "return":
-            paper = {label: (list(cfg.paper.steps), list(cfg.paper.mean))}
         images = {
             "plots/adaptation": plots.adaptation_curves(
-                {label: result, "random init": baseline},
+                {cfg.algorithm.name: result, "random init": baseline},
                 run_dir / "adaptation.png",
                 metric="return",
-                paper=paper,
+                paper=_paper_curve(cfg, "return"),
                 title=f"{cfg.task.name}: return after policy-gradient steps (mean ± 95% CI)",
             )
         }
