@@ -48,6 +48,7 @@ def pg_loss(policy: GaussianPolicy, params: Params, episodes: Episodes) -> Tenso
 class AdaptationResult:
     returns: Tensor  # [steps+1, T]: mean undiscounted return of each task after s steps
     episodes: list[Episodes]  # the episodes sampled after each step
+    params: Params  # θ'ᵢ after the last step (detached, per task)
 
 
 class MetaRL:
@@ -106,15 +107,19 @@ class MetaRL:
         """One meta-iteration (the trainer's ``update``); returns [post, pre] mean returns."""
         generator = make_generator(stream_seed(self.seed, step), torch.device("cpu"))
         tasks = self.env.sample_tasks(self.meta_batch_size, generator)
-        inner: list[Episodes] = []
-        fast = per_task(self.params, self.meta_batch_size)
-        for _ in range(self.inner_steps):  # sample with the current θ'ᵢ, then step
-            inner.append(self.sample(fast, tasks, generator))
-            fast = self.adapt(fast, inner[-1:], self.inner_lr, create_graph=False)
-            fast = {n: p.detach().requires_grad_() for n, p in fast.items()}
-        post = self.sample(fast, tasks, generator)
+        # sample with θ, step, sample with θ'ᵢ, ...: the episodes of the inner steps, then post
+        sampled = self.adaptation(
+            self.params,
+            tasks,
+            steps=self.inner_steps,
+            lr=self.inner_lr,
+            halve_lr=False,
+            generator=generator,
+        )
+        *inner, post = sampled.episodes
+        fast = sampled.params
         with torch.no_grad():  # π_old: copies, since TRPO moves θ (and θ'ᵢ = θ without inner steps)
-            old = {n: p.detach().clone() for n, p in fast.items()}
+            old = {n: p.clone() for n, p in fast.items()}
             old_mean, old_log_std = self.policy.distribution(old, post.flat_obs())
             old_logp = log_prob(old_mean, old_log_std, post.flat_actions()).view_as(post.mask)
 
@@ -141,8 +146,7 @@ class MetaRL:
             return loss, _masked_task_mean(kl, post.mask).mean()
 
         self.last = self.optimizer.step(objective)
-        pre = inner[0].returns.mean() if inner else post.returns.mean()
-        return torch.stack([post.returns.mean(), pre]).detach()
+        return torch.stack([sampled.returns[-1].mean(), sampled.returns[0].mean()])
 
     def adaptation(
         self,
@@ -154,9 +158,11 @@ class MetaRL:
         halve_lr: bool,
         generator: torch.Generator,
     ) -> AdaptationResult:
-        """Returns after 0..steps policy-gradient steps from θ on each task (the paper's test).
+        """Sample, take a policy-gradient step, sample again, ... ``steps`` times from θ.
 
-        With ``halve_lr`` the steps after the first use α/2, as the reference code's tests.
+        The paper's test (returns after 0..steps steps) and the sampling half of a
+        meta-iteration. With ``halve_lr`` the steps after the first use α/2, as the reference
+        code's tests.
         """
         fast = per_task({n: p.detach() for n, p in params.items()}, tasks.shape[0])
         returns, sampled = [], []
@@ -170,4 +176,4 @@ class MetaRL:
                     fast = {n: p.requires_grad_() for n, p in fast.items()}
                     fast = self.adapt(fast, [episodes], step_lr, create_graph=False)
                 fast = {n: p.detach() for n, p in fast.items()}
-        return AdaptationResult(torch.stack(returns), sampled)
+        return AdaptationResult(torch.stack(returns), sampled, fast)
