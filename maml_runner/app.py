@@ -11,6 +11,7 @@ import os
 import random
 import sys
 from pathlib import Path
+from typing import Any
 
 import hydra
 import torch
@@ -207,7 +208,22 @@ def _train(update, params, cfg: DictConfig, run_dir: Path, multirun: bool, **kwa
             f"  maml-run resume={run_dir}"
         )
         raise SystemExit(130)
+    if distributed.is_lead():
+        device = next(iter(params.values())).device
+        console.print(
+            f"meta-trained {fitted.step} iterations in {fitted.train_time:.1f} s "
+            f"({fitted.it_per_s:.3g} it/s this session) on {device_name(device)}"
+        )
     return fitted
+
+
+def _report(run_dir: Path, tracker, metrics: dict, result: EvalResult, images: dict) -> None:
+    """Write metrics.json, the W&B summary and plots; say where the run folder is."""
+    step = metrics["train"]["steps"]
+    (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
+    _summarise(tracker, result, step)
+    tracker.log_images(images, step)
+    console.print(f"run folder: {run_dir} (metrics.json, adaptation.png, checkpoints/)")
 
 
 def _metrics(cfg: DictConfig, result: EvalResult, fitted, device, objective: float) -> dict:
@@ -311,20 +327,11 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
         if not lead:
             exit_code = 0
             return float("nan")  # rank 0 evaluates and reports the objective
-        console.print(
-            f"meta-trained {fitted.step} steps in {fitted.train_time:.1f} s "
-            f"({fitted.it_per_s:.3g} it/s this session) on {device_name(exp.device)}"
-        )
-
         result = evaluate(exp, cfg)
         print_result(result, list(cfg.eval.report_steps), cfg.paper)
         objective = result.mean["query_loss"][-1]
         metrics = _metrics(cfg, result, fitted, exp.device, objective)
-        (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
-        _summarise(tracker, result, fitted.step)
-        images = write_plots(exp, cfg, result, run_dir)
-        tracker.log_images(images, fitted.step)
-        console.print(f"run folder: {run_dir} (metrics.json, adaptation.png, checkpoints/)")
+        _report(run_dir, tracker, metrics, result, write_plots(exp, cfg, result, run_dir))
         exit_code = 0
         return objective
     finally:
@@ -345,7 +352,7 @@ def rl_adaptation(exp: RLExperiment, cfg: DictConfig, params, tasks, steps: int,
     )
 
 
-def rl_meta_test(exp: RLExperiment, cfg: DictConfig, params) -> tuple[EvalResult, object]:
+def rl_meta_test(exp: RLExperiment, cfg: DictConfig, params) -> tuple[EvalResult, Any]:
     """The paper's RL test: mean return (± 95% CI over test tasks) after 0..eval_steps steps."""
     from maml_runner.evaluation import mean_ci95
 
@@ -396,26 +403,16 @@ def run_rl(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
         )
         if fitted is None:
             return float("nan")
-        console.print(
-            f"meta-trained {fitted.step} iterations in {fitted.train_time:.1f} s "
-            f"({fitted.it_per_s:.3g} it/s this session) on {device_name(exp.device)}"
-        )
-        steps = cfg.inner.eval_steps
         result, ours = rl_meta_test(exp, cfg, learner.params)
         baseline, _ = rl_meta_test(exp, cfg, exp.initial_state)
         print_result(result, list(cfg.eval.report_steps), cfg.paper)
+        returns = ", ".join(f"{m:.2f}" for m in baseline.mean["return"])
         console.print(
-            "random initialisation: "
-            + ", ".join(f"{m:.2f}" for m in baseline.mean["return"])
-            + " (return after 0.."
-            + str(steps)
-            + " steps)"
+            f"random initialisation, return after 0..{len(result.inner_steps) - 1} steps: {returns}"
         )
         objective = -result.mean["return"][-1]
         metrics = _metrics(cfg, result, fitted, exp.device, objective)
         metrics["baselines"] = {"random_init": baseline.to_dict()}
-        (run_dir / METRICS).write_text(json.dumps(metrics, indent=2))
-        _summarise(tracker, result, fitted.step)
         images = {
             "plots/adaptation": plots.adaptation_curves(
                 {cfg.algorithm.name: result, "random init": baseline},
@@ -429,8 +426,7 @@ def run_rl(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
             images["plots/trajectories"] = plots.nav_trajectories(
                 ours.episodes, exp.test_tasks, run_dir / "trajectories.png", cfg.eval.plot_tasks
             )
-        tracker.log_images(images, fitted.step)
-        console.print(f"run folder: {run_dir} (metrics.json, adaptation.png, checkpoints/)")
+        _report(run_dir, tracker, metrics, result, images)
         exit_code = 0
         return objective
     finally:

@@ -446,7 +446,6 @@ def build_rl(cfg: DictConfig) -> RLExperiment:
         normalize_advantages=t.normalize_advantages,
         seed=cfg.seed,
     )
-    cpu = torch.device("cpu")
-    val = env.sample_tasks(cfg.trainer.val_tasks, make_generator(cfg.trainer.val_seed, cpu))
-    test = env.sample_tasks(cfg.eval.num_tasks, make_generator(cfg.eval.seed, cpu))
+    val = env.sample_tasks(cfg.trainer.val_tasks, make_generator(cfg.trainer.val_seed, device))
+    test = env.sample_tasks(cfg.eval.num_tasks, make_generator(cfg.eval.seed, device))
     return RLExperiment(device, env, policy, learner, initial, val, test)

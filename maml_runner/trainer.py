@@ -144,8 +144,8 @@ def fit(
 ) -> FitResult:
     """Meta-train from ``start_step`` to ``steps``; checkpoint at the end and on interrupt.
 
-    ``update(step)`` returns the step's training figures, named by ``metrics`` (a scalar for one
-    name, a vector for several); their means over ``log_every`` steps are logged and the first is
+    ``update(step)`` returns the step's training figures, named by ``metrics`` (a scalar or a
+    vector of ``len(metrics)``); their means over ``log_every`` steps are logged and the first is
     shown in the progress display. ``maximize``: a higher ``val_key`` is better (RL returns).
     ``stop(local)``, when given, decides whether to stop after a step, told whether this process
     got SIGINT/SIGTERM (torchrun's ranks must agree; see ``distributed.DistributedStep.stop``).
@@ -156,7 +156,7 @@ def fit(
     console = console or Console(stderr=True, log_path=False)
     device = next(iter(params.values())).device
     step, count = start_step, 0
-    loss_sum = torch.zeros(() if len(metrics) == 1 else len(metrics), device=device)
+    loss_sum = torch.zeros(len(metrics), device=device)
     clock, clock_step = time.perf_counter(), start_step
     interrupted = False
 
@@ -175,7 +175,7 @@ def fit(
             step += 1
 
             if step % log_every == 0 or step == steps:
-                means = (loss_sum / count).reshape(-1).tolist()  # the one host sync of the loop
+                means = (loss_sum / count).tolist()  # the one host sync of the loop
                 if not all(math.isfinite(m) for m in means):
                     raise Diverged(step)
                 mean = means[0]

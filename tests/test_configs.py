@@ -42,11 +42,9 @@ def _meta_step_rl(cfg) -> None:
     cfg.task.horizon, cfg.task.k_shot, cfg.task.workers = 4, 2, 1
     exp = build_rl(cfg)
     try:
-        before = [p.detach().clone() for p in exp.model.parameters()]
         out = exp.learner.update(0)
-        assert torch.isfinite(out).all()
+        assert out.shape == (2,) and torch.isfinite(out).all()  # post- and pre-update returns
         assert torch.isfinite(torch.cat([p.reshape(-1) for p in exp.model.parameters()])).all()
-        assert len(before) == len(list(exp.model.parameters()))
     finally:
         exp.env.close()
 
