@@ -24,9 +24,10 @@ from maml_runner import checkpoint, config, distributed, plots
 from maml_runner.build import Experiment, RLExperiment, build, build_optimizer, build_rl, is_rl
 from maml_runner.errors import UserError
 from maml_runner.evaluation import EvalResult, meta_test
+from maml_runner.memory import keep_freed_memory
 from maml_runner.paths import conf_dir
 from maml_runner.tracking import NullTracker, Tracker
-from maml_runner.trainer import Diverged, fit, gradient_step
+from maml_runner.trainer import Diverged, auto_tasks_per_pass, fit, gradient_step
 
 config.register()
 console = Console()
@@ -217,6 +218,21 @@ def _train(update, params, cfg: DictConfig, run_dir: Path, multirun: bool, **kwa
     return fitted
 
 
+def _tasks_per_pass(cfg: DictConfig, exp: Experiment, start: int) -> int:
+    """Resolve ``trainer.tasks_per_pass`` (``auto`` looks at the first meta-batch) and say it."""
+    per_pass = cfg.trainer.tasks_per_pass
+    if per_pass == "auto":
+        per_pass = auto_tasks_per_pass(exp.model, exp.stream.batch(start))
+    size = cfg.trainer.meta_batch_size
+    if per_pass < size and distributed.is_lead():
+        how = f"auto on {exp.device.type}" if cfg.trainer.tasks_per_pass == "auto" else "set"
+        console.print(
+            f"meta-batch of {size} tasks in passes of {per_pass} "
+            f"(trainer.tasks_per_pass: {how}; the same meta-gradient, less memory)"
+        )
+    return per_pass
+
+
 def _report(run_dir: Path, tracker, metrics: dict, result: EvalResult, images: dict) -> None:
     """Write metrics.json, the W&B summary and plots; say where the run folder is."""
     step = metrics["train"]["steps"]
@@ -265,6 +281,7 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
     Under torchrun every rank trains its share of each meta-batch; rank 0 (``lead``) alone logs,
     checkpoints, validates and meta-tests, and the other ranks return NaN.
     """
+    keep_freed_memory()  # host tensors reused, not page-faulted anew each meta-step
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     if is_rl(cfg):
@@ -302,9 +319,12 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
                 )
                 return {f"meta_val/{m}": r.mean[m][-1] for m in r.mean}
 
-        update, stop = gradient_step(exp.learner, params, optimizer, exp.stream), None
+        per_pass = _tasks_per_pass(cfg, exp, start)
+        update, stop = gradient_step(exp.learner, params, optimizer, exp.stream, per_pass), None
         if distributed.world_size() > 1:
-            update = distributed.DistributedStep(exp.learner, params, optimizer, exp.stream)
+            update = distributed.DistributedStep(
+                exp.learner, params, optimizer, exp.stream, per_pass
+            )
             stop = update.stop
         fitted = _train(
             update,

@@ -133,6 +133,13 @@ def validate(cfg: DictConfig) -> None:
     _validate_common(cfg)
     _require(cfg.k >= 1, "k", cfg.k, "K (support examples per task) must be an integer >= 1")
     _positive(cfg, "task.k_shot", "task.query_size", "task.eval_k_shot", "task.eval_query_size")
+    per_pass = cfg.trainer.tasks_per_pass
+    _require(
+        per_pass == "auto" or (type(per_pass) is int and per_pass >= 1),
+        "trainer.tasks_per_pass",
+        per_pass,
+        "give a number of tasks >= 1, or auto",
+    )
     _require(
         cfg.model.name != "gaussian_mlp" and cfg.outer._target_ != TRPO_TARGET,
         "model" if cfg.model.name == "gaussian_mlp" else "outer",

@@ -45,6 +45,10 @@ class TrainerConfig:
     # CPU threads for torch (null: torch's default, one per core). 1 suits small models: their
     # ops are too short to split, and idle threads spinning beside another job slow both
     num_threads: int | None = 1
+    # tasks whose forward and backward run together; the meta-gradient is summed over the
+    # passes (the same gradient; fewer tasks need less memory and more kernel launches). auto:
+    # the whole meta-batch on a GPU, on a CPU as many tasks as keep activations cache-sized
+    tasks_per_pass: Any = "auto"
 
 
 @dataclass

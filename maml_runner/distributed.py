@@ -24,7 +24,7 @@ import torch.distributed as dist
 from maml_runner.errors import UserError
 from maml_runner.maml.functional import Params
 from maml_runner.tasks import TaskStream
-from maml_runner.trainer import Learner
+from maml_runner.trainer import Learner, meta_backward
 
 
 def launched() -> bool:
@@ -103,8 +103,10 @@ class DistributedStep:
         params: Params,
         optimizer: torch.optim.Optimizer,
         stream: TaskStream,
+        tasks_per_pass: int | None = None,
     ) -> None:
         self.learner, self.params, self.optimizer, self.stream = learner, params, optimizer, stream
+        self.tasks_per_pass = tasks_per_pass
         self.rank, self.world = rank(), world_size()
         self.lo, self.hi = share(stream.meta_batch_size, self.rank, self.world)
         self.weight = (self.hi - self.lo) / stream.meta_batch_size
@@ -113,12 +115,11 @@ class DistributedStep:
 
     def __call__(self, step: int) -> torch.Tensor:
         batch = self.stream.batch(step).tasks(self.lo, self.hi)
-        loss = self.learner.outer_loss(self.params, batch) * self.weight
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = meta_backward(self.learner, self.params, batch, self.tasks_per_pass, self.weight)
         grads = [p.grad for p in self.params.values()]
         flag = loss.new_tensor([1.0 if self._stop_requested else 0.0])
-        buffer = torch.cat([g.reshape(-1) for g in grads] + [loss.detach().reshape(1), flag])
+        buffer = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1), flag])
         dist.all_reduce(buffer)  # sum: the weights make the gradients' sum the full-batch mean
         offset = 0
         for g in grads:

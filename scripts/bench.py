@@ -25,8 +25,11 @@ What it measures
     Three implementations start from identical initial weights and see identical task-batch
     tensors (their hashes are compared):
 
-    * ours:        ``maml_runner.maml.MAML.outer_loss``, all tasks batched (Adam fused=True, as
-                   maml-run builds it);
+    * ours:        ``maml_runner.maml.MAML.outer_loss`` with the tasks of a pass batched, through
+                   ``trainer.meta_backward`` in passes of ``--tasks-per-pass`` tasks (default
+                   auto, as maml-run: all tasks on a GPU, cache-sized passes on a CPU; the
+                   header of each workload says how many); Adam fused=True, as maml-run builds
+                   it;
     * learn2learn: ``l2l.algorithms.MAML``, a loop over tasks with ``clone()`` / ``adapt()``;
     * higher:      ``higher.innerloop_ctx`` with an SGD inner optimizer, a loop over tasks.
 
@@ -65,6 +68,7 @@ How to run
     python scripts/bench.py --workload sinusoid      # ~75 s
     python scripts/bench.py --workload omniglot-5w1s,miniimagenet-5w1s --seconds 60
     python scripts/bench.py --only ours --device cuda
+    python scripts/bench.py --workload omniglot-5w1s --tasks-per-pass 32   # ours in one pass
     python scripts/bench.py --workload sinusoid --iters 200 --threads 1
 
     The baselines are optional (``pip install -e .[bench]``, see the README for the steps that
@@ -113,8 +117,10 @@ from maml_runner.maml import (  # noqa: E402
     classification_loss,
     regression_loss,
 )
+from maml_runner.memory import keep_freed_memory  # noqa: E402
 from maml_runner.models import MLP, Conv4  # noqa: E402
 from maml_runner.tasks.sinusoid import Sinusoid  # noqa: E402
+from maml_runner.trainer import auto_tasks_per_pass, meta_backward  # noqa: E402
 
 OUTER_LR = 1e-3
 GRAD_RTOL = 1e-6
@@ -386,14 +392,16 @@ class Runner:
         return [p.grad.detach().clone() for p in self.params]  # type: ignore[union-attr]
 
 
-def make_ours(workload: Workload, lib: Any, model: nn.Module) -> Runner:
+def make_ours(
+    workload: Workload, lib: Any, model: nn.Module, tasks_per_pass: int | None = None
+) -> Runner:
+    """maml-run's meta-step: ``meta_backward``, ``tasks_per_pass`` tasks a pass (None: auto)."""
     maml = workload.maml(model)
     params = dict(model.named_parameters())
 
     def meta_grad(batch: TaskBatch) -> Tensor:
-        loss = maml.outer_loss(params, batch)
-        loss.backward()
-        return loss.detach()
+        per_pass = tasks_per_pass or auto_tasks_per_pass(model, batch)
+        return meta_backward(maml, params, batch, per_pass)
 
     optimizer = torch.optim.Adam(model.parameters(), lr=OUTER_LR, fused=True)
     return Runner("ours", model, meta_grad, optimizer)
@@ -444,6 +452,14 @@ MAKERS: dict[str, Callable[[Workload, Any, nn.Module], Runner]] = {
 }
 
 
+def make_runner(
+    name: str, workload: Workload, lib: Any, model: nn.Module, tasks_per_pass: int | None
+) -> Runner:
+    if name == "ours":
+        return make_ours(workload, lib, model, tasks_per_pass)
+    return MAKERS[name](workload, lib, model)
+
+
 # ------------------------------------------------------------------------------------- checks
 
 
@@ -462,15 +478,20 @@ def relative_difference(grads: list[Tensor], reference: list[Tensor]) -> float:
 
 
 def check_gradients(
-    workload: Workload, libs: dict[str, Any], device: torch.device, seed: int, tasks: int
+    workload: Workload,
+    libs: dict[str, Any],
+    device: torch.device,
+    seed: int,
+    tasks: int,
+    tasks_per_pass: int | None,
 ) -> dict[str, float]:
     """Relative difference of each baseline's float64 meta-gradient from ours, on ``tasks``."""
     init, batch = workload.build(seed)
     batch = to_device(first_tasks(batch, tasks), device, torch.float64)
     grads = {
-        name: MAKERS[name](workload, lib, copy.deepcopy(init).to(device, torch.float64)).gradient(
-            batch
-        )
+        name: make_runner(
+            name, workload, lib, copy.deepcopy(init).to(device, torch.float64), tasks_per_pass
+        ).gradient(batch)
         for name, lib in libs.items()
     }
     return {
@@ -539,6 +560,8 @@ class WorkerSpec:
     seed: int
     device: str
     threads: int
+    tasks_per_pass: int | None  # ours; None: auto
+    malloc: str  # "ours": only ours keeps freed memory, as maml-run does; "all": every library
 
 
 def query_loss_after_adaptation(workload: Workload, model: nn.Module, batch: TaskBatch) -> float:
@@ -549,6 +572,8 @@ def query_loss_after_adaptation(workload: Workload, model: nn.Module, batch: Tas
 
 def _serve(conn: Connection, spec: WorkerSpec) -> None:
     torch.set_num_threads(spec.threads)
+    if spec.library == "ours" or spec.malloc == "all":
+        keep_freed_memory()  # as maml-run does at start
     device = torch.device(spec.device)
     lib, note = import_library(spec.library)
     if spec.library != "ours" and lib is None:
@@ -557,7 +582,7 @@ def _serve(conn: Connection, spec: WorkerSpec) -> None:
     init, batch = workload.build(spec.seed)
     hashed = fingerprint(init, batch)
     batch = to_device(batch, device, torch.float32)
-    runner = MAKERS[spec.library](workload, lib, init.to(device))
+    runner = make_runner(spec.library, workload, lib, init.to(device), spec.tasks_per_pass)
     memory = PeakMemory(device)
     conn.send(("ready", hashed))
     while True:
@@ -687,7 +712,18 @@ def benchmark(
     """
     context = multiprocessing.get_context("spawn")
     workers = [
-        Worker(context, WorkerSpec(workload.name, name, args.seed, args.device, args.threads))
+        Worker(
+            context,
+            WorkerSpec(
+                workload.name,
+                name,
+                args.seed,
+                args.device,
+                args.threads,
+                args.tasks_per_pass,
+                args.malloc,
+            ),
+        )
         for name in libraries
     ]
     try:
@@ -839,8 +875,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["ours"], help="time only maml-runner")
+    parser.add_argument(
+        "--malloc",
+        choices=["ours", "all"],
+        default="ours",
+        help="whose process keeps freed memory (maml_runner.memory.keep_freed_memory): ours, as "
+        "maml-run does (default), or every library's, to compare with that tuning alike",
+    )
+    parser.add_argument(
+        "--tasks-per-pass",
+        default="auto",
+        help="ours: tasks per forward/backward pass, as trainer.tasks_per_pass (default: auto)",
+    )
     args = parser.parse_args(argv)
     args.workloads = _workload_names(args.workload, parser)
+    if args.tasks_per_pass == "auto":
+        args.tasks_per_pass = None
+    elif not args.tasks_per_pass.isdigit() or int(args.tasks_per_pass) < 1:
+        parser.error(f"--tasks-per-pass {args.tasks_per_pass}: give a number >= 1, or auto")
+    else:
+        args.tasks_per_pass = int(args.tasks_per_pass)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available")
     if args.iters is not None and args.seconds is not None:
@@ -910,7 +964,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.workloads:
             workload = WORKLOADS[name]
             tasks = 1 if args.quick else workload.check_tasks
-            diffs = check_gradients(workload, libs, device, args.seed, tasks)
+            diffs = check_gradients(workload, libs, device, args.seed, tasks, args.tasks_per_pass)
             cells = []
             for lib_name, diff in diffs.items():
                 verdict = "ok" if diff <= GRAD_RTOL else f"MISMATCH (> {GRAD_RTOL:g})"
@@ -928,6 +982,12 @@ def main(argv: list[str] | None = None) -> int:
         workload = WORKLOADS[name]
         budget = budget_for(workload, args)
         print(f"\n== {name}: {workload.summary}")
+        model, batch = workload.build(args.seed)
+        per_pass = args.tasks_per_pass or auto_tasks_per_pass(
+            model, to_device(batch, device, torch.float32)
+        )
+        how = "--tasks-per-pass" if args.tasks_per_pass else "auto"
+        print(f"ours: {per_pass} of {batch.num_tasks} tasks per forward/backward pass ({how})")
         print(f"timing {budget.describe()}...")
         try:
             results, others = benchmark(workload, list(libs), budget, args)

@@ -129,6 +129,10 @@ BAD_INPUTS = [
     ),
     (["model=conv4"], "model=conv4: needs image tasks"),
     (
+        ["trainer.tasks_per_pass=0"],
+        "trainer.tasks_per_pass=0: give a number of tasks >= 1, or auto",
+    ),
+    (
         ["task=miniimagenet", "data.cache_dir=/no/such/cache"],
         "data.root=null: miniImageNet is not downloadable automatically",
     ),
