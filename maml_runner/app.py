@@ -228,7 +228,7 @@ def _tasks_per_pass(cfg: DictConfig, exp: Experiment, start: int) -> int:
         how = f"auto on {exp.device.type}" if cfg.trainer.tasks_per_pass == "auto" else "set"
         console.print(
             f"meta-batch of {size} tasks in passes of {per_pass} "
-            f"(trainer.tasks_per_pass: {how}; the same meta-gradient, less memory)"
+            f"(trainer.tasks_per_pass: {how}; same meta-gradient)"
         )
     return per_pass
 
