@@ -47,7 +47,7 @@ class TrainerConfig:
     num_threads: int | None = 1
     # tasks whose forward and backward run together; the meta-gradient is summed over the
     # passes (the same gradient; fewer tasks need less memory and more kernel launches). auto:
-    # the whole meta-batch on a GPU, on a CPU as many tasks as keep activations cache-sized
+    # the whole meta-batch on a GPU, on a CPU as many tasks as keep activations within 32 MiB
     tasks_per_pass: Any = "auto"
 
 

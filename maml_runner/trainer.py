@@ -31,7 +31,6 @@ from rich.progress import (
 
 from maml_runner.maml import TaskBatch
 from maml_runner.maml.functional import Params
-from maml_runner.memory import MMAP_THRESHOLD_MAX
 from maml_runner.tasks import TaskStream
 
 
@@ -45,19 +44,20 @@ Update = Callable[[int], torch.Tensor]
 
 
 # A CPU pass's largest activation (tasks × examples per task × the model's largest activation
-# per example) is kept within glibc's mmap ceiling: larger blocks are mapped and page-faulted
-# afresh every meta-step (see ``memory.keep_freed_memory``), smaller ones are reused. Measured on
-# the 2-core CPU (torch 2.13), in it/s for passes of 32 → 8 tasks (Omniglot 5w1s, meta-batch 32):
-# 1.07 → 1.61; 20-way 1-shot 16 → 2 tasks: 0.32 → 0.44; miniImageNet 5w1s 4 → 1 task: 0.31 → 0.48.
-CPU_PASS_BYTES = MMAP_THRESHOLD_MAX
+# per example) is kept within 32 MiB. With freed memory kept in the process
+# (``memory.keep_freed_memory``, which every run sets) this costs no speed and cuts peak memory
+# (Omniglot 5w1s on 2 cores: 1.61 it/s in passes of 8 tasks vs 1.60 in one pass of 32, at ~1/3
+# of the memory); where that setting is unavailable, glibc reuses blocks up to 32 MiB anyway and
+# maps larger ones afresh every meta-step, so small passes are also the faster ones there.
+CPU_PASS_BYTES = 32 * 2**20
 
 
 def auto_tasks_per_pass(model: torch.nn.Module, batch: TaskBatch) -> int:
     """``trainer.tasks_per_pass=auto``: the whole meta-batch on a GPU; fewer tasks on a CPU.
 
     A GPU is bound by kernel launches at MAML's sizes, so one pass over all tasks is fastest
-    there. On a CPU, passes whose activations exceed ``CPU_PASS_BYTES`` are slower (see above);
-    the size of one example's largest activation is read from a forward pass of two examples.
+    there. On a CPU, passes are sized to ``CPU_PASS_BYTES`` of activations (see above); the size
+    of one example's largest activation is read from a forward pass of two examples.
     """
     if batch.support_x.device.type != "cpu":
         return batch.num_tasks

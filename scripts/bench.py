@@ -27,9 +27,10 @@ What it measures
 
     * ours:        ``maml_runner.maml.MAML.outer_loss`` with the tasks of a pass batched, through
                    ``trainer.meta_backward`` in passes of ``--tasks-per-pass`` tasks (default
-                   auto, as maml-run: all tasks on a GPU, cache-sized passes on a CPU; the
-                   header of each workload says how many); Adam fused=True, as maml-run builds
-                   it;
+                   auto, as maml-run: all tasks on a GPU, passes within 32 MiB of activations
+                   on a CPU; the header of each workload says how many), in a process that
+                   keeps freed memory (``maml_runner.memory``, as maml-run; ``--malloc all``
+                   does the same for the baselines); Adam fused=True, as maml-run builds it;
     * learn2learn: ``l2l.algorithms.MAML``, a loop over tasks with ``clone()`` / ``adapt()``;
     * higher:      ``higher.innerloop_ctx`` with an SGD inner optimizer, a loop over tasks.
 
