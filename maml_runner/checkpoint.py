@@ -50,7 +50,7 @@ def save(
         "format_version": FORMAT_VERSION,
         "step": step,
         "model": model.state_dict(),
-        # TRPO (RL) keeps no state between steps: None
+        # TRPO (RL) keeps no state between steps: an empty dict
         "optimizer": {} if optimizer is None else optimizer.state_dict(),
         "best": best,
         "rng": rng_state(),

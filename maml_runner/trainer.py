@@ -95,16 +95,14 @@ def meta_backward(
     scaled outer loss. ``None``: one pass.
     """
     total = batch.num_tasks
-    size = total if tasks_per_pass is None else tasks_per_pass
-    loss_sum = None
+    size = tasks_per_pass or total
+    losses = []
     for lo in range(0, total, size):
         hi = min(total, lo + size)
-        part = batch if (lo, hi) == (0, total) else batch.tasks(lo, hi)
-        loss = learner.outer_loss(params, part) * (scale * (hi - lo) / total)
+        loss = learner.outer_loss(params, batch.tasks(lo, hi)) * (scale * (hi - lo) / total)
         loss.backward()
-        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
-    assert loss_sum is not None
-    return loss_sum
+        losses.append(loss.detach())
+    return torch.stack(losses).sum()
 
 
 def gradient_step(

@@ -396,13 +396,12 @@ class Runner:
 def make_ours(
     workload: Workload, lib: Any, model: nn.Module, tasks_per_pass: int | None = None
 ) -> Runner:
-    """maml-run's meta-step: ``meta_backward``, ``tasks_per_pass`` tasks a pass (None: auto)."""
+    """maml-run's meta-step: ``meta_backward`` in passes of ``tasks_per_pass`` (None: one)."""
     maml = workload.maml(model)
     params = dict(model.named_parameters())
 
     def meta_grad(batch: TaskBatch) -> Tensor:
-        per_pass = tasks_per_pass or auto_tasks_per_pass(model, batch)
-        return meta_backward(maml, params, batch, per_pass)
+        return meta_backward(maml, params, batch, tasks_per_pass)
 
     optimizer = torch.optim.Adam(model.parameters(), lr=OUTER_LR, fused=True)
     return Runner("ours", model, meta_grad, optimizer)
@@ -446,19 +445,27 @@ def make_higher(workload: Workload, higher: Any, model: nn.Module) -> Runner:
     return Runner("higher", model, meta_grad, torch.optim.Adam(model.parameters(), OUTER_LR))
 
 
-MAKERS: dict[str, Callable[[Workload, Any, nn.Module], Runner]] = {
-    "ours": make_ours,
+BASELINES: dict[str, Callable[[Workload, Any, nn.Module], Runner]] = {
     "learn2learn": make_learn2learn,
     "higher": make_higher,
 }
 
 
 def make_runner(
-    name: str, workload: Workload, lib: Any, model: nn.Module, tasks_per_pass: int | None
+    name: str, workload: Workload, lib: Any, model: nn.Module, tasks_per_pass: int
 ) -> Runner:
+    """Ours in passes of ``tasks_per_pass`` tasks (resolved once per workload), or a baseline."""
     if name == "ours":
         return make_ours(workload, lib, model, tasks_per_pass)
-    return MAKERS[name](workload, lib, model)
+    return BASELINES[name](workload, lib, model)
+
+
+def resolve_tasks_per_pass(workload: Workload, args: argparse.Namespace) -> int:
+    """``--tasks-per-pass``, or what ``trainer.tasks_per_pass=auto`` picks for the workload."""
+    if args.tasks_per_pass is not None:
+        return args.tasks_per_pass
+    model, batch = workload.build(args.seed)
+    return auto_tasks_per_pass(model, to_device(batch, torch.device(args.device), torch.float32))
 
 
 # ------------------------------------------------------------------------------------- checks
@@ -484,7 +491,7 @@ def check_gradients(
     device: torch.device,
     seed: int,
     tasks: int,
-    tasks_per_pass: int | None,
+    tasks_per_pass: int,
 ) -> dict[str, float]:
     """Relative difference of each baseline's float64 meta-gradient from ours, on ``tasks``."""
     init, batch = workload.build(seed)
@@ -561,7 +568,7 @@ class WorkerSpec:
     seed: int
     device: str
     threads: int
-    tasks_per_pass: int | None  # ours; None: auto
+    tasks_per_pass: int  # ours, resolved by the parent
     malloc: str  # "ours": only ours keeps freed memory, as maml-run does; "all": every library
 
 
@@ -705,7 +712,11 @@ class Budget:
 
 
 def benchmark(
-    workload: Workload, libraries: list[str], budget: Budget, args: argparse.Namespace
+    workload: Workload,
+    libraries: list[str],
+    budget: Budget,
+    args: argparse.Namespace,
+    tasks_per_pass: int,
 ) -> tuple[dict[str, Result], float | None]:
     """Time each library in its own process; the libraries take turns in ``rounds`` chunks.
 
@@ -721,7 +732,7 @@ def benchmark(
                 args.seed,
                 args.device,
                 args.threads,
-                args.tasks_per_pass,
+                tasks_per_pass,
                 args.malloc,
             ),
         )
@@ -965,7 +976,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.workloads:
             workload = WORKLOADS[name]
             tasks = 1 if args.quick else workload.check_tasks
-            diffs = check_gradients(workload, libs, device, args.seed, tasks, args.tasks_per_pass)
+            per_pass = resolve_tasks_per_pass(workload, args)
+            diffs = check_gradients(workload, libs, device, args.seed, tasks, per_pass)
             cells = []
             for lib_name, diff in diffs.items():
                 verdict = "ok" if diff <= GRAD_RTOL else f"MISMATCH (> {GRAD_RTOL:g})"
@@ -983,15 +995,12 @@ def main(argv: list[str] | None = None) -> int:
         workload = WORKLOADS[name]
         budget = budget_for(workload, args)
         print(f"\n== {name}: {workload.summary}")
-        model, batch = workload.build(args.seed)
-        per_pass = args.tasks_per_pass or auto_tasks_per_pass(
-            model, to_device(batch, device, torch.float32)
-        )
+        per_pass = resolve_tasks_per_pass(workload, args)
         how = "--tasks-per-pass" if args.tasks_per_pass else "auto"
-        print(f"ours: {per_pass} of {batch.num_tasks} tasks per forward/backward pass ({how})")
+        print(f"ours: passes of {per_pass} tasks ({how})")
         print(f"timing {budget.describe()}...")
         try:
-            results, others = benchmark(workload, list(libs), budget, args)
+            results, others = benchmark(workload, list(libs), budget, args, per_pass)
         except WorkerError as exc:
             print(f"ERROR: {exc}", file=sys.stderr)
             return 2

@@ -192,11 +192,11 @@ batch = TaskBatch(x[:, :5], y[:, :5], x[:, 5:], y[:, 5:])
 model = Conv4(1, 28, 5)
 maml = MAML(model, classification_loss(), inner_lr=0.4, inner_steps=1)
 params = dict(model.named_parameters())
-for step in range(5):
-    if step == 2:  # after two warm-up meta-steps
+for step in range(13):
+    if step == 3:  # after three warm-up meta-steps
         start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     meta_backward(maml, params, batch)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 3)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start) / 10)
 """
 
 
@@ -214,5 +214,6 @@ def test_freed_host_memory_is_reused_not_faulted_anew() -> None:
         )
         for how in ("default", "keep")
     }
-    # measured: ~7,000 page faults per meta-step with glibc's defaults, 0 with the setting
-    assert faults["keep"] < 0.02 * faults["default"], faults
+    # measured: 5,000-13,000 page faults per meta-step with glibc's defaults; with the setting
+    # 0 in most runs, in some a one-off heap growth of ~1,800 faults (up to 3% of the default)
+    assert faults["keep"] < 0.1 * faults["default"], faults

@@ -140,9 +140,7 @@ def _step(envs: list, actions: np.ndarray) -> tuple[np.ndarray, ...]:
         o, _, term, _, info = env.step(action)
         obs.append(o)
         velocity.append(info["x_velocity"])
-        rest.append(
-            sum(v for k, v in info.items() if k.startswith("reward_") and k != "reward_forward")
-        )
+        rest.append(sum(v for k, v in info.items() if k.startswith("reward_") and k != FORWARD))
         terminated.append(term)
     return np.stack(obs), np.array(velocity), np.array(rest), np.array(terminated)
 
@@ -220,7 +218,7 @@ class Locomotion:
         return torch.as_tensor(obs, dtype=torch.float32)
 
     def step(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        action = torch.max(torch.min(action.detach().cpu(), self.high), self.low).numpy()
+        action = action.detach().cpu().clamp(self.low, self.high).numpy()
         if self.workers == 1:
             results = [_step(self._local, action)]
         else:

@@ -72,11 +72,8 @@ class MetaRL:
     ) -> None:
         self.env, self.policy, self.optimizer = env, policy, optimizer
         self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
-        self.meta_batch_size, self.episodes_per_task, self.horizon = (
-            meta_batch_size,
-            episodes_per_task,
-            horizon,
-        )
+        self.meta_batch_size, self.episodes_per_task = meta_batch_size, episodes_per_task
+        self.horizon = horizon
         self.discount, self.normalize, self.seed = discount, normalize_advantages, seed
         self.params: Params = dict(policy.named_parameters())
         self.last: dict[str, float] = {}

@@ -16,12 +16,10 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor
+from torch.nn.utils import parameters_to_vector as flat
+from torch.nn.utils import vector_to_parameters
 
 Objective = Callable[[bool], tuple[Tensor, Tensor]]
-
-
-def _flat(tensors) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def conjugate_gradient(fvp: Callable[[Tensor], Tensor], b: Tensor, iters: int) -> Tensor:
@@ -71,20 +69,20 @@ class TRPO:
     def step(self, objective: Objective) -> dict[str, float]:
         """One TRPO update; ``objective(differentiable)`` → ``(loss, kl)`` at the current θ."""
         loss, kl = objective(True)
-        g = _flat(torch.autograd.grad(loss, self.params, retain_graph=True))
-        kl_grad = _flat(torch.autograd.grad(kl, self.params, create_graph=True))
+        g = flat(torch.autograd.grad(loss, self.params, retain_graph=True))
+        kl_grad = flat(torch.autograd.grad(kl, self.params, create_graph=True))
 
         def fvp(v: Tensor) -> Tensor:
             hv = torch.autograd.grad(kl_grad @ v, self.params, retain_graph=True)
-            return _flat(hv) + self.cg_damping * v
+            return flat(hv) + self.cg_damping * v
 
         direction = conjugate_gradient(fvp, g, self.cg_iters)
         shs = 0.5 * (direction @ fvp(direction))
         step = direction * torch.sqrt(self.max_kl / shs.clamp_min(1e-12))
-        old = _flat(p.detach() for p in self.params)
+        old = flat(self.params).detach()
         loss_before = loss.item()
         for tries in range(self.max_backtracks):
-            self._assign(old - self.backtrack_ratio**tries * step)
+            vector_to_parameters(old - self.backtrack_ratio**tries * step, self.params)
             new_loss, new_kl = (v.item() for v in objective(False))
             if new_loss < loss_before and new_kl <= self.max_kl:
                 return {
@@ -93,17 +91,10 @@ class TRPO:
                     "kl": new_kl,
                     "backtracks": tries,
                 }
-        self._assign(old)  # no acceptable step: keep θ
+        vector_to_parameters(old, self.params)  # no acceptable step: keep θ
         return {
             "surrogate_before": loss_before,
             "surrogate": loss_before,
             "kl": 0.0,
             "backtracks": self.max_backtracks,
         }
-
-    @torch.no_grad()
-    def _assign(self, flat: Tensor) -> None:
-        offset = 0
-        for p in self.params:
-            p.copy_(flat[offset : offset + p.numel()].view_as(p))
-            offset += p.numel()
