@@ -8,16 +8,20 @@ optimiser and task sets.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import hydra.utils
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
 from torch import nn
 
+from maml_runner import distributed
 from maml_runner.errors import UserError
-from maml_runner.maml import MAML, Pretrain, TaskLoss, classification_loss, regression_loss
+from maml_runner.job import Job, Report, SupervisedJob
+from maml_runner.maml import MAML, Pretrain, TaskLoss
 from maml_runner.maml.functional import check_supported
 from maml_runner.models import MLP, Conv4
 from maml_runner.models.conv import DOWNSAMPLE, HEADS
@@ -25,26 +29,17 @@ from maml_runner.models.mlp import ACTIVATIONS, INITS
 from maml_runner.tasks import FixedTasks, Sinusoid, TaskStream
 from maml_runner.tasks.base import TaskFamily
 from maml_runner.tasks.classification import ImageClasses
+from maml_runner.tracking import NullTracker, Tracker
+from maml_runner.trainer import Cadence, auto_tasks_per_pass, gradient_step
+
+if TYPE_CHECKING:
+    from maml_runner.rl.job import RLJob
 
 ALGORITHMS = ("maml", "pretrain")
 SPLITS = ("paper", "background")
 LOGGER_MODES = ("online", "offline", "disabled")
 TRPO_TARGET = "maml_runner.rl.trpo.TRPO"
 FUSED_OPTIMIZERS = ("torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD")
-
-
-@dataclass
-class Experiment:
-    """Everything a run needs, built from one config."""
-
-    device: torch.device
-    family: TaskFamily  # the meta-training family (for sinusoid, every split's)
-    model: nn.Module
-    task_loss: TaskLoss
-    learner: MAML | Pretrain
-    stream: TaskStream
-    val_tasks: FixedTasks | None
-    test_tasks: FixedTasks
 
 
 def _require(ok: bool, key: str, value: object, allowed: str) -> None:
@@ -63,7 +58,7 @@ def _positive(cfg: DictConfig, *keys: str, minimum: int = 1) -> None:
         )
 
 
-def is_rl(cfg: DictConfig) -> bool:
+def _is_rl(cfg: DictConfig) -> bool:
     """RL task families (nav2d, MuJoCo locomotion) carry an ``env``; supervised ones do not."""
     return "env" in cfg.task
 
@@ -128,7 +123,7 @@ def validate_rl(cfg: DictConfig) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Check ranges and choices the schemas cannot express; raise ``UserError`` on the first."""
-    if is_rl(cfg):
+    if _is_rl(cfg):
         return validate_rl(cfg)
     _validate_common(cfg)
     _require(cfg.k >= 1, "k", cfg.k, "K (support examples per task) must be an integer >= 1")
@@ -341,65 +336,141 @@ def build_optimizer(outer: DictConfig, model: nn.Module) -> torch.optim.Optimize
     return optimizer
 
 
-def build(cfg: DictConfig) -> Experiment:
-    """Validate ``cfg`` and build everything a run needs (model weights from the global RNG)."""
+def build(cfg: DictConfig) -> Job:
+    """Validate ``cfg`` and build its job (model weights from the global RNG).
+
+    The only place that tells an RL run from a supervised one.
+    """
+    if _is_rl(cfg):
+        return _build_rl(cfg)
+    return _build_supervised(cfg)
+
+
+def _cadence(cfg: DictConfig) -> Cadence:
+    t = cfg.trainer
+    return Cadence(
+        steps=t.steps,
+        val_every=t.val_every,
+        checkpoint_every=t.checkpoint_every,
+        log_every=t.log_every,
+        progress=t.progress and distributed.is_lead(),
+    )
+
+
+def _report(cfg: DictConfig) -> Report:
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    header = {
+        "experiment": choices.get("experiment"),
+        "task": cfg.task.name,
+        "algorithm": cfg.algorithm.name,
+        "first_order": cfg.inner.first_order,
+        "k_shot": cfg.task.k_shot,
+        "eval_k_shot": cfg.task.eval_k_shot,
+        "seed": cfg.seed,
+    }
+    paper = OmegaConf.to_container(cfg.paper) if cfg.paper else None
+    return Report(header, paper, list(cfg.eval.report_steps), cfg.algorithm.name)
+
+
+def _common(cfg: DictConfig) -> dict:
+    """The Job fields every kind of run reads the same way."""
+    return dict(
+        cadence=_cadence(cfg),
+        report=_report(cfg),
+        resume=cfg.resume or None,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def _tasks_per_pass(cfg: DictConfig, model: nn.Module, stream: TaskStream) -> int:
+    """Resolve ``trainer.tasks_per_pass`` (``auto`` looks at one meta-batch) and say it."""
+    per_pass = cfg.trainer.tasks_per_pass
+    if per_pass == "auto":
+        per_pass = auto_tasks_per_pass(model, stream.batch(0))
+    size = cfg.trainer.meta_batch_size
+    if per_pass < size and distributed.is_lead():
+        how = f"auto on {stream.device.type}" if cfg.trainer.tasks_per_pass == "auto" else "set"
+        Console().print(
+            f"meta-batch of {size} tasks in passes of {per_pass} "
+            f"(trainer.tasks_per_pass: {how}; same meta-gradient)"
+        )
+    return per_pass
+
+
+def _build_supervised(cfg: DictConfig) -> SupervisedJob:
+    distributed.init_from_env()
     validate(cfg)
     device = resolve_device(cfg.device)
     families = build_families(cfg, device)
-    model = build_model(cfg.model, families["train"]).to(device)
-    regression = isinstance(families["train"], Sinusoid)
-    task_loss = regression_loss() if regression else classification_loss()
-    learner = build_learner(cfg, model, task_loss)
+    family = families["train"]
+    model = build_model(cfg.model, family).to(device)
+    learner = build_learner(cfg, model, family.task_loss)
+    optimizer = build_optimizer(cfg.outer, model)
+    params = dict(model.named_parameters())
     stream = TaskStream(
-        families["train"],
+        family,
         meta_batch_size=cfg.trainer.meta_batch_size,
         k_shot=cfg.task.k_shot,
         query_size=cfg.task.query_size,
         seed=cfg.seed,
         device=device,
-        # regression tasks are tiny: draw 100 meta-batches per call; images: one at a time
-        chunk=100 if regression else 1,
+        # tiny tasks (regression): draw 100 meta-batches per call; images: one at a time
+        chunk=100 if family.small else 1,
     )
     fixed = dict(
         k_shot=cfg.task.eval_k_shot,
         query_size=cfg.task.eval_query_size,
         device=device,
         chunk=cfg.eval.batch_size,
-        keep=regression,
+        keep=family.small,
     )
     val_tasks = None
-    if cfg.trainer.val_every > 0:
+    if cfg.trainer.val_every > 0 and distributed.is_lead():  # rank 0 alone validates
         val_tasks = FixedTasks(
             families["val"], num_tasks=cfg.trainer.val_tasks, seed=cfg.trainer.val_seed, **fixed
         )
     test_tasks = FixedTasks(
         families["test"], num_tasks=cfg.eval.num_tasks, seed=cfg.eval.seed, **fixed
     )
-    return Experiment(
-        device, families["train"], model, task_loss, learner, stream, val_tasks, test_tasks
+    per_pass = _tasks_per_pass(cfg, model, stream)
+    update, stop = gradient_step(learner, params, optimizer, stream, per_pass), None
+    if distributed.world_size() > 1:
+        update = distributed.DistributedStep(learner, params, optimizer, stream, per_pass)
+        stop = update.stop
+    return SupervisedJob(
+        model=model,
+        params=params,
+        optimizer=optimizer,
+        learner=learner,
+        stream=stream,
+        update=update,
+        metrics=("meta_train/query_loss",),
+        stop=stop,
+        validation=None,
+        device=device,
+        family=families["test"],
+        val_tasks=val_tasks,
+        test_tasks=test_tasks,
+        inner_lr=cfg.inner.lr,
+        eval_steps=cfg.inner.eval_steps,
+        plot_tasks=cfg.eval.plot_tasks,
+        **_common(cfg),
     )
 
 
-@dataclass
-class RLExperiment:
-    """Everything an RL run needs: environment, policy, MAML-TRPO learner, fixed test tasks."""
-
-    device: torch.device
-    env: object  # rl.envs.VectorEnv
-    model: nn.Module  # the GaussianPolicy
-    learner: object  # rl.meta.MetaRL
-    initial_state: dict[str, torch.Tensor]  # θ before meta-training: the "random" baseline
-    val_tasks: torch.Tensor
-    test_tasks: torch.Tensor
-
-
-def build_rl(cfg: DictConfig) -> RLExperiment:
-    """Validate ``cfg`` and build an RL run (policy weights from the global RNG); CPU only."""
+def _build_rl(cfg: DictConfig) -> RLJob:
+    """An RL run (policy weights from the global RNG); CPU only."""
     from maml_runner.models import GaussianPolicy
     from maml_runner.rl.envs import Locomotion, Nav2D
-    from maml_runner.rl.meta import MetaRL
+    from maml_runner.rl.job import RLJob
+    from maml_runner.rl.meta import METRICS, MetaRL, RLTaskStream, trpo_step
     from maml_runner.tasks.base import make_generator
 
+    if distributed.launched():
+        raise UserError(
+            f"task={cfg.task.name}: RL runs do not split over torchrun ranks; run it with "
+            f"maml-run (its environments already step in task.workers processes)"
+        )
     validate_rl(cfg)
     device = torch.device("cpu")  # rollouts step CPU simulators; the policies are small
     t = cfg.task
@@ -427,32 +498,80 @@ def build_rl(cfg: DictConfig) -> RLExperiment:
             reason = str(err).splitlines()[0] if str(err) else type(err).__name__
             kwargs = dict(t.env_kwargs)
             raise UserError(f"task.env={t.env} (env_kwargs {kwargs}): {reason}") from None
-    m = cfg.model
-    policy = GaussianPolicy(
-        env.obs_dim,
-        env.act_dim,
-        hidden=list(m.hidden),
-        activation=m.activation,
-        init_std=m.init_std,
-    )
-    initial = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-    o = cfg.outer
-    trpo = hydra.utils.instantiate(o, params=list(policy.parameters()))
-    pretrain = cfg.algorithm.name == "pretrain"
-    learner = MetaRL(
-        env,
-        policy,
-        trpo,
+    try:
+        m = cfg.model
+        policy = GaussianPolicy(
+            env.obs_dim,
+            env.act_dim,
+            hidden=list(m.hidden),
+            activation=m.activation,
+            init_std=m.init_std,
+        )
+        initial = {k: v.detach().clone() for k, v in policy.state_dict().items()}
+        trpo = hydra.utils.instantiate(cfg.outer, params=list(policy.parameters()))
+        learner = MetaRL(
+            env,
+            policy,
+            inner_lr=cfg.inner.lr,
+            inner_steps=0 if cfg.algorithm.name == "pretrain" else cfg.inner.steps,
+            first_order=cfg.inner.first_order,
+            episodes_per_task=t.k_shot,
+            horizon=t.horizon,
+            discount=t.discount,
+            normalize_advantages=t.normalize_advantages,
+        )
+        stream = RLTaskStream(env, meta_batch_size=cfg.trainer.meta_batch_size, seed=cfg.seed)
+        val = env.sample_tasks(cfg.trainer.val_tasks, make_generator(cfg.trainer.val_seed, device))
+        test = env.sample_tasks(cfg.eval.num_tasks, make_generator(cfg.eval.seed, device))
+    except BaseException:
+        env.close()
+        raise
+    return RLJob(
+        model=policy,
+        params=learner.params,
+        optimizer=None,  # TRPO keeps no state between steps
+        learner=learner,
+        stream=stream,
+        update=trpo_step(learner, trpo, stream),
+        metrics=METRICS,
+        stop=None,
+        validation=None,
+        device=device,
+        env=env,
+        initial_state=initial,
+        val_tasks=val,
+        test_tasks=test,
         inner_lr=cfg.inner.lr,
-        inner_steps=0 if pretrain else cfg.inner.steps,
-        first_order=cfg.inner.first_order,
-        meta_batch_size=cfg.trainer.meta_batch_size,
-        episodes_per_task=t.k_shot,
-        horizon=t.horizon,
-        discount=t.discount,
-        normalize_advantages=t.normalize_advantages,
-        seed=cfg.seed,
+        eval_steps=cfg.inner.eval_steps,
+        halve_lr=t.eval_halve_lr,
+        val_seed=cfg.trainer.val_seed,
+        test_seed=cfg.eval.seed,
+        validate_every=cfg.trainer.val_every > 0,
+        plot_tasks=cfg.eval.plot_tasks,
+        **_common(cfg),
     )
-    val = env.sample_tasks(cfg.trainer.val_tasks, make_generator(cfg.trainer.val_seed, device))
-    test = env.sample_tasks(cfg.eval.num_tasks, make_generator(cfg.eval.seed, device))
-    return RLExperiment(device, env, policy, learner, initial, val, test)
+
+
+def build_tracker(
+    cfg: DictConfig, run_dir: Path, config: dict, run_id: str | None, multirun: bool
+) -> Tracker | NullTracker:
+    """The run's W&B run and JSONL history (rank 0 only; the others get a NullTracker).
+
+    In a multirun the sweep folder's name groups the jobs, each named ``group/N``.
+    """
+    if not distributed.is_lead():
+        return NullTracker()
+    group = cfg.logger.group
+    if group is None and multirun:
+        group = Path(HydraConfig.get().sweep.dir).name
+    return Tracker(
+        run_dir,
+        mode=cfg.logger.mode,
+        project=cfg.logger.project,
+        entity=cfg.logger.entity,
+        group=group,
+        tags=list(cfg.logger.tags),
+        config=config,
+        run_id=run_id,
+        name=None if not multirun else f"{group}/{HydraConfig.get().job.num}",
+    )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -101,3 +102,82 @@ def check_model(model: nn.Module, state: dict[str, Any], where: str) -> None:
                 f"{key}: checkpoint {theirs.get(key)}, config {ours.get(key)}; resume with the "
                 f"run's own model settings"
             )
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """Where a run starts: step 0, or what a checkpoint says."""
+
+    step: int = 0
+    train_time: float = 0.0
+    best: dict | None = None
+    run_id: str | None = None  # the W&B run to continue
+    path: Path | None = None  # the checkpoint read (None: a fresh start)
+
+
+def resume(
+    where: str | os.PathLike | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    device: torch.device,
+) -> Resumed:
+    """Load the checkpoint at ``where`` (a run folder or file) into model, optimiser and RNGs.
+
+    ``None``: nothing to resume, a fresh start. The model must match the checkpoint's.
+    """
+    if not where:
+        return Resumed()
+    path = resolve(where)
+    state = load(path, device)
+    check_model(model, state, str(where))
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    set_rng_state(state["rng"])
+    extra = state["extra"]
+    return Resumed(
+        state["step"], extra.get("train_time", 0.0), state["best"], extra.get("wandb_run_id"), path
+    )
+
+
+class Checkpointer:
+    """Saves ``checkpoints/last.pt`` for the trainer (and ``best.pt`` when validation improves).
+
+    Args:
+        run_dir: the run folder; checkpoints go to its ``checkpoints/``.
+        config: the resolved config, saved in every checkpoint.
+        run_id: the W&B run id, so a resumed run continues the same W&B run.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None,
+        config: dict,
+        run_id: str | None,
+    ) -> None:
+        self.folder = run_dir / "checkpoints"
+        self.model, self.optimizer, self.config, self.run_id = model, optimizer, config, run_id
+        self.best_step: int | None = None
+
+    def save(self, step: int, best: dict | None, train_time: float) -> None:
+        kwargs = dict(
+            model=self.model,
+            optimizer=self.optimizer,
+            step=step,
+            config=self.config,
+            best=best,
+            extra={"train_time": train_time, "wandb_run_id": self.run_id},
+        )
+        save(self.folder / LAST, **kwargs)
+        if best is not None and best["step"] == step and best["step"] != self.best_step:
+            save(self.folder / "best.pt", **kwargs)
+            self.best_step = step
+
+
+class NullCheckpointer:
+    """Writes nothing: torchrun's ranks other than 0 (rank 0 alone writes checkpoints)."""
+
+    def save(self, step: int, best: dict | None, train_time: float) -> None:
+        pass

@@ -257,21 +257,31 @@ def evaluate(
         fail(str(err))
 
 
+def _option_with_target(group: str, target: str) -> str | None:
+    """The option of ``conf/<group>`` whose ``_target_`` is ``target`` (None: no such file)."""
+    from omegaconf import OmegaConf
+
+    for path in sorted((_conf_dir() / group).glob("*.yaml")):
+        if OmegaConf.load(path).get("_target_") == target:
+            return path.stem
+    return None
+
+
 def _evaluate(run: Path, num_tasks, seed, steps, device) -> None:
     from omegaconf import OmegaConf
 
     from maml_runner import checkpoint
-    from maml_runner.app import console, print_result, rl_meta_test
-    from maml_runner.app import evaluate as run_meta_test
-    from maml_runner.build import build, build_rl, is_rl
+    from maml_runner.build import build
+    from maml_runner.report import console, print_result
 
     path = checkpoint.resolve(run)
     state = checkpoint.load(path)
     saved = OmegaConf.create(state["config"])
     # Keys added to the configs since the run default to today's values; the run's own win.
     groups = [f"task={saved.task.name}", f"model={saved.model.name}"]
-    if is_rl(saved):
-        groups.append("outer=trpo")
+    outer = _option_with_target("outer", saved.outer._target_)
+    if outer is not None:
+        groups.append(f"outer={outer}")
     cfg = OmegaConf.merge(compose(groups), saved)
     updates = {
         "eval.num_tasks": num_tasks,
@@ -283,24 +293,15 @@ def _evaluate(run: Path, num_tasks, seed, steps, device) -> None:
         if value is not None:
             OmegaConf.update(cfg, key, value)
     cfg.eval.report_steps = [s for s in cfg.eval.report_steps if s <= cfg.inner.eval_steps]
-    if is_rl(cfg):
-        exp = build_rl(cfg)
-        try:
-            checkpoint.check_model(exp.model, state, str(run))
-            exp.model.load_state_dict(state["model"])
-            result, _ = rl_meta_test(exp, cfg, dict(exp.model.named_parameters()))
-        finally:
-            exp.env.close()
-    else:
-        exp = build(cfg)
-        checkpoint.check_model(exp.model, state, str(run))
-        exp.model.load_state_dict(state["model"])
-        result = run_meta_test(exp, cfg)
-    print_result(result, list(cfg.eval.report_steps), cfg.paper)
+    with build(cfg) as job:
+        checkpoint.check_model(job.model, state, str(run))
+        job.model.load_state_dict(state["model"])
+        tested = job.meta_test(baselines=False)
+    print_result(tested, list(cfg.eval.report_steps), cfg.paper)
     out = path.parent / f"eval_step{state['step']}_seed{cfg.eval.seed}_n{cfg.eval.num_tasks}.json"
     out.write_text(
         json.dumps(
-            {"checkpoint": str(path), "step": state["step"], "meta_test": result.to_dict()},
+            {"checkpoint": str(path), "step": state["step"], "meta_test": tested.result.to_dict()},
             indent=2,
         )
     )

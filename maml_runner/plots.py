@@ -12,11 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from torch import nn  # noqa: E402
 
 from maml_runner.evaluation import EvalResult  # noqa: E402
-from maml_runner.maml import TaskBatch, TaskLoss, adapt, batched_forward, per_task  # noqa: E402
-from maml_runner.maml.functional import Params  # noqa: E402
+from maml_runner.tasks.batch import TaskBatch  # noqa: E402
 
 LABELS = {"query_loss": "query loss (MSE for regression)", "query_acc": "query accuracy"}
 
@@ -54,41 +52,19 @@ def adaptation_curves(
 
 
 def regression_tasks(
-    model: nn.Module,
-    task_loss: TaskLoss,
-    params: Params,
     batch: TaskBatch,
-    truth: torch.Tensor,
     grid: torch.Tensor,
+    truth: torch.Tensor,
+    predictions: dict[int, torch.Tensor],
     path: Path,
-    *,
-    lr: float,
-    steps: Sequence[int],
 ) -> Path:
-    """Each task: the true function, its K support points, the prediction after each of ``steps``.
+    """Each task: the true function, its K support points, the prediction after each step count.
 
-    ``grid`` is ``[T, G, 1]`` and ``truth`` the true values there.
+    ``grid`` is ``[T, G, 1]``, ``truth`` the true values there and ``predictions[s]`` the
+    model's after ``s`` inner steps (see ``maml.predictions_after``).
     """
     num = batch.num_tasks
     fig, axes = plt.subplots(1, num, figsize=(3.2 * num, 3), squeeze=False)
-    fast = per_task({n: p.detach() for n, p in params.items()}, num)
-    predictions, done = {}, 0
-    for target in sorted(steps):
-        with torch.enable_grad():
-            fast = {n: w.detach().requires_grad_() for n, w in fast.items()}
-            fast = adapt(
-                model,
-                task_loss,
-                fast,
-                batch.support_x,
-                batch.support_y,
-                lr=lr,
-                steps=target - done,
-                create_graph=False,
-            )
-        done = target
-        with torch.no_grad():
-            predictions[target] = batched_forward(model, fast, grid).cpu()
     x, support_x, support_y = grid.cpu(), batch.support_x.cpu(), batch.support_y.cpu()
     for t, ax in enumerate(axes[0]):
         ax.plot(x[t, :, 0], truth[t, :, 0].cpu(), color="black", lw=2, label="true function")

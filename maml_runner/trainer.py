@@ -29,9 +29,10 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from maml_runner.maml import TaskBatch
+from maml_runner.checkpoint import Resumed
 from maml_runner.maml.functional import Params
 from maml_runner.tasks import TaskStream
+from maml_runner.tasks.batch import TaskBatch
 
 
 class Learner(Protocol):
@@ -130,8 +131,28 @@ class Logger(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
 
-class Checkpointer(Protocol):
+class Saver(Protocol):
     def save(self, step: int, best: dict | None, train_time: float) -> None: ...
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """When the loop does what, in meta-iterations (0: never, except at the end)."""
+
+    steps: int  # the last meta-iteration
+    val_every: int
+    checkpoint_every: int
+    log_every: int  # training figures are averaged over this many steps
+    progress: bool  # a live progress display
+
+
+@dataclass(frozen=True)
+class Validation:
+    """``run()`` → metrics; ``key`` is the one that picks the best step (higher if maximize)."""
+
+    run: Callable[[], dict[str, float]]
+    key: str
+    maximize: bool
 
 
 class Diverged(RuntimeError):
@@ -194,36 +215,30 @@ def _finite(params: Params) -> bool:
 def fit(
     update: Update,
     params: Params,
+    cadence: Cadence,
     *,
-    steps: int,
     tracker: Logger,
-    checkpointer: Checkpointer,
-    start_step: int = 0,
-    train_time: float = 0.0,
-    validate: Callable[[], dict[str, float]] | None = None,
-    val_key: str = "meta_val/query_loss",
-    val_every: int = 0,
-    maximize: bool = False,
-    checkpoint_every: int = 0,
-    log_every: int = 100,
-    progress: bool = True,
-    best: dict | None = None,
-    console: Console | None = None,
+    checkpointer: Saver,
+    resumed: Resumed = Resumed(),
+    validation: Validation | None = None,
     metrics: Sequence[str] = ("meta_train/query_loss",),
     stop: Callable[[bool], bool] | None = None,
 ) -> FitResult:
-    """Meta-train from ``start_step`` to ``steps``; checkpoint at the end and on interrupt.
+    """Meta-train from ``resumed.step`` to ``cadence.steps``; checkpoint at the end and on stop.
 
     ``update(step)`` returns the step's training figures, named by ``metrics`` (a scalar or a
     vector of ``len(metrics)``); their means over ``log_every`` steps are logged and the first is
-    shown in the progress display. ``maximize``: a higher ``val_key`` is better (RL returns).
-    ``stop(local)``, when given, decides whether to stop after a step, told whether this process
-    got SIGINT/SIGTERM (torchrun's ranks must agree; see ``distributed.DistributedStep.stop``).
+    shown in the progress display. ``stop(local)``, when given, decides whether to stop after a
+    step, told whether this process got SIGINT/SIGTERM (torchrun's ranks must agree; see
+    ``distributed.DistributedStep.stop``).
 
     Raises:
         Diverged: the loss or θ stopped being finite; the last good checkpoint is kept.
     """
-    console = console or Console(stderr=True, log_path=False)
+    console = Console(stderr=True, log_path=False)
+    steps, log_every = cadence.steps, cadence.log_every
+    val_every, checkpoint_every = cadence.val_every, cadence.checkpoint_every
+    best, start_step, train_time = resumed.best, resumed.step, resumed.train_time
     device = next(iter(params.values())).device
     step, count = start_step, 0
     loss_sum = torch.zeros(len(metrics), device=device)
@@ -236,7 +251,7 @@ def fit(
         checkpointer.save(step, best, train_time + time.perf_counter() - started)
 
     started = time.perf_counter()
-    bar = _progress(console, metrics[0].split("/")[-1]) if progress else None
+    bar = _progress(console, metrics[0].split("/")[-1]) if cadence.progress else None
     with _catch_signals() as received, bar if bar is not None else nullcontext():
         task = bar.add_task("train", total=steps, completed=step, speed="-", loss="-") if bar else 0
         while step < steps:
@@ -257,12 +272,13 @@ def fit(
                 count = 0
                 if bar is not None:
                     bar.update(task, completed=step, speed=f"{speed:.3g}", loss=f"{mean:.4g}")
-            if validate is not None and val_every and step % val_every == 0:
-                val_metrics = validate()
+            if validation is not None and val_every and step % val_every == 0:
+                val_metrics = validation.run()
                 tracker.log(val_metrics, step)
+                val_key = validation.key
                 value = val_metrics[val_key]
                 improved = best is None or (
-                    value > best["value"] if maximize else value < best["value"]
+                    value > best["value"] if validation.maximize else value < best["value"]
                 )
                 if improved:
                     best = {"key": val_key, "value": value, "step": step}

@@ -12,10 +12,11 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from maml_runner.maml.core import MAML, Pretrain, TaskBatch, adaptation_curve
+from maml_runner.maml.core import MAML, Pretrain, adaptation_curve
 from maml_runner.maml.functional import batched_forward, check_supported
-from maml_runner.maml.losses import classification_loss, cross_entropy, regression_loss
 from maml_runner.models.mlp import MLP
+from maml_runner.tasks.batch import TaskBatch
+from maml_runner.tasks.losses import classification_loss, cross_entropy, regression_loss
 from maml_runner.tasks.sinusoid import Sinusoid
 
 DTYPE = torch.float64

@@ -16,7 +16,7 @@ from maml_runner.models import GaussianPolicy
 from maml_runner.models.policy import kl_divergence, log_prob
 from maml_runner.rl.envs import Locomotion, Nav2D
 from maml_runner.rl.episodes import Episodes, discounted_returns, rollout, with_advantages
-from maml_runner.rl.meta import MetaRL, pg_loss
+from maml_runner.rl.meta import METRICS, MetaRL, RLTaskStream, pg_loss, trpo_step
 from maml_runner.rl.trpo import TRPO, conjugate_gradient
 from maml_runner.tasks.base import make_generator
 from tests.helpers import maml_run, read_metrics
@@ -153,16 +153,13 @@ def _learner(first_order: bool = False, dtype=torch.float32, **kw) -> MetaRL:
     return MetaRL(
         Nav2D(),
         policy,
-        TRPO(list(policy.parameters())),
         inner_lr=0.1,
         inner_steps=1,
         first_order=first_order,
-        meta_batch_size=3,
         episodes_per_task=4,
         horizon=10,
         discount=0.99,
         normalize_advantages=True,
-        seed=0,
         **kw,
     )
 
@@ -217,14 +214,35 @@ def test_conjugate_gradient_solves_a_positive_definite_system() -> None:
 @pytest.mark.parametrize("first_order", [False, True])
 def test_trpo_step_improves_the_surrogate_within_the_kl_bound(first_order: bool) -> None:
     learner = _learner(first_order)
+    trpo = TRPO(list(learner.params.values()))
+    stream = RLTaskStream(learner.env, meta_batch_size=3, seed=0)
     before = {n: p.detach().clone() for n, p in learner.params.items()}
-    out = learner.update(0)
-    stats = learner.last
-    assert torch.isfinite(out).all()
+    objective, returns = learner.meta_objective(*stream.batch(0))
+    stats = trpo.step(objective)
+    assert torch.isfinite(returns).all() and returns.shape == (2,)
     assert stats["surrogate"] < stats["surrogate_before"]
-    assert 0 < stats["kl"] <= learner.optimizer.max_kl
+    assert 0 < stats["kl"] <= trpo.max_kl
     moved = sum((p - before[n]).abs().sum() for n, p in learner.params.items())
     assert moved > 0
+
+
+def test_trpo_update_returns_what_it_names() -> None:
+    """``trpo_step``'s figures are [post, pre, kl, backtracks], as METRICS names them; the
+    stream's tasks (and so the step) are a function of (seed, step) alone."""
+    learner = _learner()
+    stream = RLTaskStream(learner.env, meta_batch_size=3, seed=0)
+    tasks, _ = stream.batch(4)
+    assert torch.equal(tasks, stream.batch(4)[0]) and not torch.equal(tasks, stream.batch(5)[0])
+    update = trpo_step(learner, TRPO(list(learner.params.values())), stream)
+    out = update(0)
+    assert METRICS == (
+        "meta_train/return_post",
+        "meta_train/return_pre",
+        "meta_train/kl",
+        "meta_train/backtracks",
+    )
+    assert out.shape == (len(METRICS),) and torch.isfinite(out).all()
+    assert 0 < out[2] <= 0.01 and out[3] == int(out[3]) and 0 <= out[3] < 15
 
 
 def test_gaussian_log_prob_and_kl_match_torch_distributions() -> None:

@@ -1,8 +1,16 @@
 """The MAML core: functional adaptation and the meta-objective."""
 
-from maml_runner.maml.core import MAML, Pretrain, TaskBatch, adapt, adaptation_curve, per_task
+from maml_runner.maml.core import (
+    MAML,
+    Pretrain,
+    adapt,
+    adaptation_curve,
+    per_task,
+    predictions_after,
+)
 from maml_runner.maml.functional import batched_forward
-from maml_runner.maml.losses import TaskLoss, classification_loss, regression_loss
+from maml_runner.tasks.batch import TaskBatch
+from maml_runner.tasks.losses import TaskLoss, classification_loss, regression_loss
 
 __all__ = [
     "MAML",
@@ -13,6 +21,7 @@ __all__ = [
     "adaptation_curve",
     "batched_forward",
     "per_task",
+    "predictions_after",
     "classification_loss",
     "regression_loss",
 ]

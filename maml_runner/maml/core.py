@@ -11,40 +11,14 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from maml_runner.maml.functional import Params, batched_forward
-from maml_runner.maml.losses import TaskLoss
-
-
-@dataclass
-class TaskBatch:
-    """T tasks' support and query sets, each ``[T, N, ...]``; ``info`` holds task parameters."""
-
-    support_x: Tensor
-    support_y: Tensor
-    query_x: Tensor
-    query_y: Tensor
-    info: dict[str, Tensor] | None = None
-
-    @property
-    def num_tasks(self) -> int:
-        return self.support_x.shape[0]
-
-    def tasks(self, lo: int, hi: int) -> TaskBatch:
-        """Tasks ``lo..hi-1`` (views, no copy)."""
-        info = None if self.info is None else {k: v[lo:hi] for k, v in self.info.items()}
-        return TaskBatch(
-            self.support_x[lo:hi],
-            self.support_y[lo:hi],
-            self.query_x[lo:hi],
-            self.query_y[lo:hi],
-            info,
-        )
+from maml_runner.tasks.batch import TaskBatch
+from maml_runner.tasks.losses import TaskLoss
 
 
 def inner_update(
@@ -186,3 +160,38 @@ def adaptation_curve(
                     create_graph=False,
                 )
     return {name: torch.stack(values) for name, values in rows.items()}
+
+
+def predictions_after(
+    model: nn.Module,
+    task_loss: TaskLoss,
+    params: Params,
+    batch: TaskBatch,
+    x: Tensor,
+    *,
+    lr: float,
+    steps: Sequence[int],
+) -> dict[int, Tensor]:
+    """Each task's predictions at ``x`` ``[T, G, ...]`` after each of ``steps`` inner steps (CPU).
+
+    Fine-tuning as at meta-test, from θ on each task's support set; for plots.
+    """
+    fast = per_task({n: p.detach() for n, p in params.items()}, batch.num_tasks)
+    predictions, done = {}, 0
+    for target in sorted(steps):
+        with torch.enable_grad():
+            fast = {n: w.detach().requires_grad_() for n, w in fast.items()}
+            fast = adapt(
+                model,
+                task_loss,
+                fast,
+                batch.support_x,
+                batch.support_y,
+                lr=lr,
+                steps=target - done,
+                create_graph=False,
+            )
+        done = target
+        with torch.no_grad():
+            predictions[target] = batched_forward(model, fast, x).cpu()
+    return predictions

@@ -32,6 +32,7 @@ class VectorEnv(Protocol):
     obs_dim: int
     act_dim: int
     task_dim: int
+    draws_trajectories: bool  # a run plots its test trajectories (2D positions) or not
 
     def sample_tasks(self, num: int, generator: torch.Generator) -> Tensor: ...
 
@@ -52,6 +53,7 @@ class Nav2D:
     """
 
     obs_dim, act_dim, task_dim = 2, 2, 2
+    draws_trajectories = True  # the observation is the position: paths on the plane
 
     def __init__(
         self,
@@ -157,6 +159,7 @@ class Locomotion:
     """
 
     task_dim = 1
+    draws_trajectories = False
 
     def __init__(
         self,

@@ -16,7 +16,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +28,7 @@ from maml_runner.maml.functional import Params
 from maml_runner.models.policy import GaussianPolicy, kl_divergence, log_prob
 from maml_runner.rl.envs import VectorEnv
 from maml_runner.rl.episodes import Episodes, rollout, with_advantages
-from maml_runner.rl.trpo import TRPO
+from maml_runner.rl.trpo import TRPO, Objective
 from maml_runner.tasks.base import make_generator, stream_seed
 
 
@@ -52,31 +52,31 @@ class AdaptationResult:
 
 
 class MetaRL:
-    """MAML-TRPO (and, with ``inner_steps=0``, the multi-task pretrained baseline)."""
+    """The MAML-TRPO learner (and, with ``inner_steps=0``, the multi-task pretrained baseline).
+
+    It samples episodes, adapts with policy-gradient steps and builds TRPO's objective; the
+    tasks come from an ``RLTaskStream`` and the update is ``trpo_step`` (learner, stream,
+    update: the same three parts as a supervised run).
+    """
 
     def __init__(
         self,
         env: VectorEnv,
         policy: GaussianPolicy,
-        optimizer: TRPO,
         *,
         inner_lr: float,
         inner_steps: int,
         first_order: bool,
-        meta_batch_size: int,
         episodes_per_task: int,
         horizon: int,
         discount: float,
         normalize_advantages: bool,
-        seed: int,
     ) -> None:
-        self.env, self.policy, self.optimizer = env, policy, optimizer
+        self.env, self.policy = env, policy
         self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
-        self.meta_batch_size, self.episodes_per_task = meta_batch_size, episodes_per_task
-        self.horizon = horizon
-        self.discount, self.normalize, self.seed = discount, normalize_advantages, seed
+        self.episodes_per_task, self.horizon = episodes_per_task, horizon
+        self.discount, self.normalize = discount, normalize_advantages
         self.params: Params = dict(policy.named_parameters())
-        self.last: dict[str, float] = {}
 
     def sample(self, params: Params, tasks: Tensor, generator: torch.Generator) -> Episodes:
         params = {n: p.detach() for n, p in params.items()}
@@ -100,10 +100,13 @@ class MetaRL:
             )
         return params
 
-    def update(self, step: int) -> Tensor:
-        """One meta-iteration (the trainer's ``update``); returns [post, pre] mean returns."""
-        generator = make_generator(stream_seed(self.seed, step), torch.device("cpu"))
-        tasks = self.env.sample_tasks(self.meta_batch_size, generator)
+    def meta_objective(self, tasks: Tensor, generator: torch.Generator) -> tuple[Objective, Tensor]:
+        """Sample one meta-iteration's episodes; return TRPO's objective and [post, pre] returns.
+
+        ``objective(differentiable)`` gives the post-update surrogate loss and the mean KL from
+        the sampling policy π_old, at the current θ (see ``TRPO.step``).
+        """
+        num_tasks = tasks.shape[0]
         # sample with θ, step, sample with θ'ᵢ, ...: the episodes of the inner steps, then post
         sampled = self.adaptation(
             self.params,
@@ -128,7 +131,7 @@ class MetaRL:
                     else {n: p.detach().requires_grad_() for n, p in self.params.items()}
                 )
                 adapted = self.adapt(
-                    per_task(start, self.meta_batch_size),
+                    per_task(start, num_tasks),
                     inner,
                     self.inner_lr,
                     create_graph=differentiable and not self.first_order,
@@ -142,8 +145,7 @@ class MetaRL:
             kl = kl_divergence(old_mean, old_log_std, mean, log_std).view_as(post.mask)
             return loss, _masked_task_mean(kl, post.mask).mean()
 
-        self.last = self.optimizer.step(objective)
-        return torch.stack([sampled.returns[-1].mean(), sampled.returns[0].mean()])
+        return objective, torch.stack([sampled.returns[-1].mean(), sampled.returns[0].mean()])
 
     def adaptation(
         self,
@@ -174,3 +176,39 @@ class MetaRL:
                     fast = self.adapt(fast, [episodes], step_lr, create_graph=False)
                 fast = {n: p.detach() for n, p in fast.items()}
         return AdaptationResult(torch.stack(returns), sampled, fast)
+
+
+class RLTaskStream:
+    """Meta-training tasks of an RL run: ``batch(step)`` is the same for the same seed and step.
+
+    Returns the step's tasks and the generator they were drawn from; the meta-iteration's
+    episodes are sampled from that generator next, so a resumed run sees exactly the tasks and
+    episodes an uninterrupted one would.
+    """
+
+    def __init__(self, env: VectorEnv, *, meta_batch_size: int, seed: int) -> None:
+        self.env, self.meta_batch_size, self.seed = env, meta_batch_size, seed
+
+    def batch(self, step: int) -> tuple[Tensor, torch.Generator]:
+        generator = make_generator(stream_seed(self.seed, step), torch.device("cpu"))
+        return self.env.sample_tasks(self.meta_batch_size, generator), generator
+
+
+# What ``trpo_step``'s update returns, in order (the trainer logs their means under these keys).
+METRICS = (
+    "meta_train/return_post",
+    "meta_train/return_pre",
+    "meta_train/kl",
+    "meta_train/backtracks",
+)
+
+
+def trpo_step(learner: MetaRL, optimizer: TRPO, stream: RLTaskStream) -> Callable[[int], Tensor]:
+    """One MAML-TRPO meta-iteration as ``update(step)``; returns the figures named by METRICS."""
+
+    def update(step: int) -> Tensor:
+        objective, returns = learner.meta_objective(*stream.batch(step))
+        stats = optimizer.step(objective)
+        return torch.cat([returns, returns.new_tensor([stats["kl"], stats["backtracks"]])])
+
+    return update

@@ -8,20 +8,48 @@ uninterrupted run would, with no sampler state to save.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from maml_runner.maml.core import TaskBatch
+from maml_runner.tasks.batch import TaskBatch
+from maml_runner.tasks.losses import TaskLoss
+
+
+@dataclass(frozen=True)
+class TaskPlot:
+    """How to draw a regression task: inputs on a grid, and each task's true outputs there."""
+
+    grid: torch.Tensor  # [G, D]: the inputs at which a task's function is drawn
+    truth: Callable[[dict[str, torch.Tensor], torch.Tensor], torch.Tensor]  # (info, x) → y
 
 
 class TaskFamily(Protocol):
-    """What every task family offers: draw ``num_tasks`` tasks with ``k_shot``/``query_size``."""
+    """What every supervised task family declares (the trainer and the job rely on nothing else).
+
+    ``input_shape``/``output_size`` size the model; ``task_loss`` is what adaptation and the
+    meta-objective minimise (with the metrics to report); ``small`` says its tasks are tiny (a
+    stream then draws 100 meta-batches per call and fixed sets stay in memory); ``task_plot``
+    draws example tasks, or None (no task plot).
+    """
+
+    input_shape: tuple[int, ...]
+    output_size: int
+    small: bool
+
+    @property
+    def task_loss(self) -> TaskLoss: ...
+
+    @property
+    def task_plot(self) -> TaskPlot | None: ...
 
     def sample(
         self, num_tasks: int, generator: torch.Generator, *, k_shot: int, query_size: int
-    ) -> TaskBatch: ...
+    ) -> TaskBatch:
+        """Draw ``num_tasks`` tasks with ``k_shot`` support and ``query_size`` query examples."""
+        ...
 
 
 def make_generator(seed: int, device: torch.device) -> torch.Generator:

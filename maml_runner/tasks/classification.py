@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from maml_runner.maml.core import TaskBatch
+from maml_runner.tasks.batch import TaskBatch
+from maml_runner.tasks.losses import TaskLoss, classification_loss
 
 
 @dataclass
@@ -53,6 +54,13 @@ class ImageClasses:
             )
         else:
             self._views = self.images.unsqueeze(0)
+
+    small = False  # images: a meta-batch is drawn per step, fixed sets redrawn when used
+    task_plot = None  # no task plot for images
+
+    @property
+    def task_loss(self) -> TaskLoss:
+        return classification_loss()
 
     @property
     def num_classes(self) -> int:

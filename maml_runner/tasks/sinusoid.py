@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from maml_runner.maml.core import TaskBatch
+from maml_runner.tasks.base import TaskPlot
+from maml_runner.tasks.batch import TaskBatch
+from maml_runner.tasks.losses import TaskLoss, regression_loss
 
 
 @dataclass(frozen=True)
@@ -27,6 +29,16 @@ class Sinusoid:
 
     input_shape: tuple[int, ...] = (1,)
     output_size: int = 1
+    small: bool = True  # a task is 2 numbers and a few points
+
+    @property
+    def task_loss(self) -> TaskLoss:
+        return regression_loss()
+
+    @property
+    def task_plot(self) -> TaskPlot:
+        """The true sine of each task on 200 points of [x_min, x_max] (paper Fig. 2 style)."""
+        return TaskPlot(torch.linspace(self.x_min, self.x_max, 200).view(-1, 1), self.curve)
 
     def sample(
         self, num_tasks: int, generator: torch.Generator, *, k_shot: int, query_size: int

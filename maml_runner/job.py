@@ -1,0 +1,159 @@
+"""A Job: what one run needs, built from the config by ``build`` and run by ``app.run``.
+
+Supervised and RL runs are the same protocol: the meta-parameters and their ``update(step)``
+(a learner, a task stream and an update, in that order, made by ``build``), the cadence, the
+validation (owned by the job: its function, metric key and direction), the meta-test (the
+result, any baselines, the objective handed to sweepers), the plots it draws, and ``close()``
+(a job is a context manager). Every setting is bound once at build time; nothing here reads a
+config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from maml_runner import plots
+from maml_runner.evaluation import EvalResult, meta_test
+from maml_runner.maml import predictions_after
+from maml_runner.maml.functional import Params
+from maml_runner.tasks import FixedTasks
+from maml_runner.tasks.base import TaskFamily
+from maml_runner.trainer import Cadence, Update, Validation
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a finished run's report says beside its numbers.
+
+    ``header`` opens ``metrics.json`` (experiment, task, algorithm, first_order, k_shot,
+    eval_k_shot, seed); ``paper`` is the preset's ``paper:`` block (or None); ``report_steps``
+    are the inner steps of the console table; ``label`` names our curve in plots.
+    """
+
+    header: dict[str, Any]
+    paper: dict | None
+    report_steps: list[int]
+    label: str
+
+    def paper_curve(self, metric: str) -> dict | None:
+        """The paper's numbers as ``{label: (steps, values)}`` for a plot of ``metric``."""
+        if not (self.paper and self.paper["metric"] == metric):
+            return None
+        return {self.label: (list(self.paper["steps"]), list(self.paper["mean"]))}
+
+
+@dataclass
+class Tested:
+    """A meta-test: our result, any baselines (``{"random_init": ...}``), the objective.
+
+    ``objective`` is minimised by Hydra's sweepers; ``detail`` is what plots need beyond the
+    numbers (RL: the test episodes).
+    """
+
+    result: EvalResult
+    objective: float
+    baselines: dict[str, EvalResult] = field(default_factory=dict)
+    detail: Any = None
+
+
+@dataclass(kw_only=True)
+class Job:
+    """The part every job shares; ``SupervisedJob`` and ``rl.job.RLJob`` add the rest."""
+
+    model: nn.Module  # holds θ (its state dict is what checkpoints save)
+    params: Params  # θ by name: what the update moves and the trainer checks for NaN
+    optimizer: torch.optim.Optimizer | None  # state to checkpoint (TRPO keeps none)
+    learner: Any  # the algorithm's objective (``MAML``, ``Pretrain``, ``rl.meta.MetaRL``)
+    stream: Any  # meta-training tasks: ``stream.batch(step)``
+    update: Update  # one meta-step of ``learner`` on ``stream.batch(step)``
+    metrics: tuple[str, ...]  # the names of what ``update`` returns
+    stop: Any  # None, or torchrun's agreement on stopping (``DistributedStep.stop``)
+    cadence: Cadence
+    validation: Validation | None
+    report: Report
+    resume: str | None  # run folder or checkpoint to continue from
+    config: dict  # the resolved config: saved in checkpoints, logged to W&B
+    device: torch.device
+
+    def meta_test(self, baselines: bool = True) -> Tested:
+        raise NotImplementedError
+
+    def plots(self, tested: Tested, folder: Path) -> dict[str, Path]:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the job holds (environments); called once, by ``__exit__``."""
+
+    def __enter__(self) -> Job:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass(kw_only=True)
+class SupervisedJob(Job):
+    """Regression and few-shot classification: MAML (or pretraining) on a task family."""
+
+    family: TaskFamily  # the test split's family (its loss and task plot)
+    val_tasks: FixedTasks | None
+    test_tasks: FixedTasks
+    inner_lr: float  # α at validation and meta-test
+    eval_steps: int  # inner steps at validation and meta-test
+    plot_tasks: int  # example tasks drawn when the family has a task plot
+
+    def __post_init__(self) -> None:
+        if self.val_tasks is not None and self.validation is None:
+            self.validation = Validation(self._validate, "meta_val/query_loss", maximize=False)
+
+    def _evaluate(self, tasks: FixedTasks) -> EvalResult:
+        return meta_test(
+            self.model,
+            self.family.task_loss,
+            self.params,
+            tasks,
+            lr=self.inner_lr,
+            steps=self.eval_steps,
+        )
+
+    def _validate(self) -> dict[str, float]:
+        result = self._evaluate(self.val_tasks)
+        return {f"meta_val/{m}": result.mean[m][-1] for m in result.mean}
+
+    def meta_test(self, baselines: bool = True) -> Tested:
+        """The paper's protocol on the test tasks; the objective is the final query loss."""
+        result = self._evaluate(self.test_tasks)
+        return Tested(result, objective=result.mean["query_loss"][-1])
+
+    def plots(self, tested: Tested, folder: Path) -> dict[str, Path]:
+        images = {
+            "plots/adaptation": plots.adaptation_curves(
+                {self.report.label: tested.result},
+                folder / "adaptation.png",
+                paper=self.report.paper_curve("query_loss"),
+            )
+        }
+        task_plot = self.family.task_plot
+        num = min(self.plot_tasks, tested.result.num_tasks)
+        if num and task_plot is not None:
+            tasks = self.test_tasks.first(num)
+            grid = task_plot.grid.to(self.device).unsqueeze(0).expand(num, -1, -1)
+            steps = sorted({0, 1, self.eval_steps})
+            predictions = predictions_after(
+                self.model,
+                self.family.task_loss,
+                self.params,
+                tasks,
+                grid,
+                lr=self.inner_lr,
+                steps=steps,
+            )
+            images["plots/tasks"] = plots.regression_tasks(
+                tasks, grid, task_plot.truth(tasks.info, grid), predictions, folder / "tasks.png"
+            )
+        return images

@@ -1,0 +1,101 @@
+"""What a finished run prints and writes: the console table, metrics.json, the W&B summary, plots.
+
+One path for every kind of run: ``finish`` takes the job (its report settings and plots), the
+meta-test and the training outcome.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from maml_runner.evaluation import EvalResult
+from maml_runner.job import Job, Tested
+from maml_runner.trainer import FitResult
+
+METRICS = "metrics.json"
+# How the console names each baseline row of a meta-test.
+BASELINE_NAMES = {"random_init": "random initialisation"}
+
+console = Console()
+
+
+def print_result(tested: Tested, report_steps: list[int], paper: dict | None) -> None:
+    """The meta-test table (mean ± 95% CI at ``report_steps``), the paper's column, baselines."""
+    result = tested.result
+    table = Table(title=f"meta-test on {result.num_tasks} held-out tasks (mean ± 95% CI)")
+    table.add_column("inner steps", justify="right")
+    metrics = list(result.mean)
+    for metric in metrics:
+        table.add_column(metric, justify="right")
+    paper_values = {}
+    if paper:
+        paper_values = dict(zip(paper["steps"], paper["mean"]))
+        table.add_column(f"paper {paper['metric']}", justify="right")
+    for step in report_steps:
+        row = [str(step)] + [
+            f"{result.mean[m][step]:.4f} ± {result.ci95[m][step]:.4f}" for m in metrics
+        ]
+        if paper:
+            row.append(f"{paper_values[step]:.3g}" if step in paper_values else "")
+        table.add_row(*row)
+    console.print(table)
+    for name, baseline in tested.baselines.items():
+        for metric, values in baseline.mean.items():
+            shown = ", ".join(f"{v:.2f}" for v in values)
+            last = len(baseline.inner_steps) - 1
+            console.print(
+                f"{BASELINE_NAMES.get(name, name)}, {metric} after 0..{last} steps: {shown}"
+            )
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+
+
+def metrics(job: Job, tested: Tested, fitted: FitResult) -> dict:
+    """The contents of ``metrics.json``."""
+    out = {
+        **job.report.header,
+        "meta_test": tested.result.to_dict(),
+        "meta_val": {"best": fitted.best},
+        "train": {
+            "steps": fitted.step,
+            "train_time_s": fitted.train_time,
+            "it_per_s": fitted.it_per_s,
+        },
+        "hardware": {"device": device_name(job.device), "torch": torch.__version__},
+        "paper": job.report.paper,
+        "objective": tested.objective,
+    }
+    if tested.baselines:
+        out["baselines"] = {name: r.to_dict() for name, r in tested.baselines.items()}
+    return out
+
+
+def summarise(tracker, result: EvalResult, step: int) -> None:
+    """The final meta-test figures to the history and the W&B summary (every step, ± CI)."""
+    summary = {}
+    for metric in result.mean:
+        for s in result.inner_steps:
+            summary[f"meta_test/{metric}_step{s}"] = result.mean[metric][s]
+            summary[f"meta_test/{metric}_ci95_step{s}"] = result.ci95[metric][s]
+    tracker.log({f"meta_test/{m}": result.mean[m][-1] for m in result.mean}, step)
+    tracker.summary(summary)
+
+
+def finish(run_dir: Path, tracker, job: Job, tested: Tested, fitted: FitResult) -> None:
+    """Print the table; write metrics.json, the W&B summary and the plots; say where they are."""
+    print_result(tested, job.report.report_steps, job.report.paper)
+    images = job.plots(tested, run_dir)
+    (run_dir / METRICS).write_text(json.dumps(metrics(job, tested, fitted), indent=2))
+    summarise(tracker, tested.result, fitted.step)
+    tracker.log_images(images, fitted.step)
+    console.print(f"run folder: {run_dir} (metrics.json, adaptation.png, checkpoints/)")
