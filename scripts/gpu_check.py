@@ -12,7 +12,7 @@
    (``omniglot_5w1s/`` is the run folder, ``summary.json`` the figures).
 
 ``--dry-run`` takes the same steps on CPU at tiny sizes: higher only, the bench on the sinusoid
-(5 meta-iterations), 2 + 2 iterations of 2 tasks, a meta-test on 4 tasks.
+(5 meta-iterations), 2 + 2 iterations of 2 tasks on 1 thread, a meta-test on 4 tasks.
 
 How to run (from the project's root; see the README's "On a GPU")
     bash ../shared/device/prepare.sh      # here, before: wheels of hydra, omegaconf, wandb
@@ -171,6 +171,7 @@ def reproduce(args: argparse.Namespace, log: Log, device: str, deadline: float) 
         common.append(f"data.cache_dir={args.cache_dir}")
     if args.dry_run:  # tiny sizes: few tasks per meta-batch, validation and meta-test
         common += ["trainer.meta_batch_size=2", "trainer.val_tasks=2", "eval.num_tasks=4"]
+        common.append("trainer.num_threads=1")  # as the bench: 1 thread, on a shared CPU
     warm = args.warmup_steps
     cadence = [f"trainer.val_every={warm}", f"trainer.checkpoint_every={warm}"]
     code, wall = maml_run(
