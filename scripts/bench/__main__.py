@@ -66,7 +66,7 @@ What it measures
 How to run
     python scripts/bench                          # everything: ~7 min on 2 idle CPU cores
     python scripts/bench --quick                  # a ~1 min smoke run of every workload
-    python scripts/bench --quick --only ours --workload sinusoid,omniglot-5w1s   # CI's smoke run
+    python scripts/bench --quick --only ours --workload sinusoid,omniglot-5w1s --threads 1  # CI
     python scripts/bench --workload sinusoid      # ~75 s
     python scripts/bench --workload omniglot-5w1s,miniimagenet-5w1s --seconds 60
     python scripts/bench --only ours --device cuda
