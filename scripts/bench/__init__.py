@@ -1,0 +1,1 @@
+"""Benchmark maml-runner's MAML engine against learn2learn and higher: `python scripts/bench`."""

@@ -1,0 +1,148 @@
+"""The baselines: learn2learn's and higher's MAML, each as its own MAML example writes it.
+
+Both are optional. A missing one is reported in one line and skipped. learn2learn imports
+torchvision at import time but its MAML never uses it; if torchvision is absent or cannot load
+(e.g. a CUDA torchvision wheel beside a CPU-only torch), a stand-in module is put in its place so
+that ``import learn2learn`` succeeds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import io
+import sys
+import types
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from bench.workloads import OUTER_LR, Runner, Workload
+from maml_runner.maml import TaskBatch
+
+INSTALL_HINT = "pip install -e .[bench]"
+
+# --------------------------------------------------------------------------- optional baselines
+
+
+class _StandInModule(types.ModuleType):
+    """A module whose every attribute is a harmless stand-in: a sub-module or an empty class."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        value: Any
+        if name[:1].islower():  # `from torchvision import transforms` wants a sub-module
+            value = importlib.import_module(f"{self.__name__}.{name}")
+        else:  # `class CIFARFS(ImageFolder)` wants a class
+            value = type(name, (), {"__init__": lambda self, *args, **kwargs: None})
+        setattr(self, name, value)
+        return value
+
+
+class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Serve ``torchvision`` and all its sub-modules as ``_StandInModule``s."""
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname == "torchvision" or fullname.startswith("torchvision."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        return _StandInModule(spec.name)
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__path__ = []  # a package, so that `import torchvision.x.y` works
+
+
+def _ensure_torchvision_importable() -> str | None:
+    """Make ``import torchvision`` succeed; return a note if a stand-in had to be used."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:  # absent, or present but its C++ ops do not match this torch
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+        sys.meta_path.insert(0, _StandInFinder())
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return f"torchvision unusable ({reason}); using a stand-in (learn2learn's MAML needs none)"
+    return None
+
+
+def import_learn2learn() -> tuple[Any | None, str | None]:
+    """Return ``(learn2learn or None, a one-line note or None)``."""
+    if importlib.util.find_spec("learn2learn") is None:
+        return None, f"learn2learn not installed: skipping it ({INSTALL_HINT})"
+    note = _ensure_torchvision_importable()
+    try:
+        # gym, which learn2learn imports, prints a deprecation notice to stderr on import
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            import learn2learn
+    except Exception as exc:
+        return None, f"learn2learn failed to import ({type(exc).__name__}: {exc}); skipping it"
+    return learn2learn, note
+
+
+def import_higher() -> tuple[Any | None, str | None]:
+    try:
+        import higher
+    except ImportError:
+        return None, f"higher not installed: skipping it ({INSTALL_HINT})"
+    return higher, None
+
+
+def import_library(name: str) -> tuple[Any | None, str | None]:
+    if name == "learn2learn":
+        return import_learn2learn()
+    if name == "higher":
+        return import_higher()
+    return None, None
+
+
+def make_learn2learn(workload: Workload, l2l: Any, model: nn.Module) -> Runner:
+    """learn2learn's own examples: clone, adapt on support, sum query losses, backward."""
+    maml = l2l.algorithms.MAML(model, lr=workload.inner_lr, first_order=False)
+    loss_fn, steps = workload.baseline_loss, workload.inner_steps
+
+    def meta_grad(batch: TaskBatch) -> Tensor:
+        total = torch.zeros((), dtype=batch.query_x.dtype, device=batch.query_x.device)
+        for t in range(batch.num_tasks):
+            learner = maml.clone()
+            for _ in range(steps):
+                learner.adapt(loss_fn(learner(batch.support_x[t]), batch.support_y[t]))
+            total = total + loss_fn(learner(batch.query_x[t]), batch.query_y[t])
+        loss = total / batch.num_tasks
+        loss.backward()
+        return loss.detach()
+
+    return Runner("learn2learn", model, meta_grad, torch.optim.Adam(maml.parameters(), OUTER_LR))
+
+
+def make_higher(workload: Workload, higher: Any, model: nn.Module) -> Runner:
+    """higher's MAML example: one innerloop_ctx per task, backward of each query loss inside."""
+    inner_opt = torch.optim.SGD(model.parameters(), lr=workload.inner_lr)
+    loss_fn, steps = workload.baseline_loss, workload.inner_steps
+
+    def meta_grad(batch: TaskBatch) -> Tensor:
+        total = torch.zeros((), dtype=batch.query_x.dtype, device=batch.query_x.device)
+        for t in range(batch.num_tasks):
+            with higher.innerloop_ctx(model, inner_opt, copy_initial_weights=False) as (fm, diff):
+                for _ in range(steps):
+                    diff.step(loss_fn(fm(batch.support_x[t]), batch.support_y[t]))
+                query_loss = loss_fn(fm(batch.query_x[t]), batch.query_y[t]) / batch.num_tasks
+                query_loss.backward()
+                total = total + query_loss.detach()
+        return total
+
+    return Runner("higher", model, meta_grad, torch.optim.Adam(model.parameters(), OUTER_LR))
+
+
+BASELINES: dict[str, Callable[[Workload, Any, nn.Module], Runner]] = {
+    "learn2learn": make_learn2learn,
+    "higher": make_higher,
+}

@@ -1,0 +1,221 @@
+"""What the bench times: the workloads (network, task batch, inner loop) and our meta-step.
+
+``make_ours`` is maml-run's own meta-step (``maml_runner.trainer.meta_backward`` over
+``maml_runner.maml.MAML``, Adam fused=True), so that the bench times what a run executes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from maml_runner.maml import MAML, TaskBatch, TaskLoss, classification_loss, regression_loss
+from maml_runner.models import MLP, Conv4
+from maml_runner.tasks.sinusoid import Sinusoid
+from maml_runner.trainer import meta_backward
+
+OUTER_LR = 1e-3
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One benchmark setup: a network, a task batch and MAML's inner-loop settings."""
+
+    name: str
+    summary: str
+    build_model: Callable[[], nn.Module]
+    sample: Callable[[torch.Generator], TaskBatch]  # the meta-batch, on CPU, float32
+    task_loss: Callable[[], TaskLoss]  # ours
+    baseline_loss: Callable[[Tensor, Tensor], Tensor]  # learn2learn and higher, one task
+    inner_lr: float
+    inner_steps: int
+    check_tasks: int  # tasks in the float64 gradient check
+    iters: int | None  # a fixed number of timed meta-iterations, or None: time-based
+    warmup: int  # meta-iterations before timing (on CPU)
+
+    def build(self, seed: int) -> tuple[nn.Module, TaskBatch]:
+        """The initial weights and the task batch, identical in every process for a seed."""
+        torch.manual_seed(seed)
+        model = self.build_model()
+        batch = self.sample(torch.Generator().manual_seed(seed))
+        return model, batch
+
+    def maml(self, model: nn.Module, *, first_order: bool = False) -> MAML:
+        return MAML(
+            model,
+            self.task_loss(),
+            inner_lr=self.inner_lr,
+            inner_steps=self.inner_steps,
+            first_order=first_order,
+        )
+
+
+def _sinusoid_batch(meta_batch: int, k_shot: int, query: int) -> Callable[..., TaskBatch]:
+    def sample(generator: torch.Generator) -> TaskBatch:
+        batch = Sinusoid().sample(meta_batch, generator, k_shot=k_shot, query_size=query)
+        # drop `info`: every library sees the same 4 tensors
+        return TaskBatch(batch.support_x, batch.support_y, batch.query_x, batch.query_y)
+
+    return sample
+
+
+def _image_batch(
+    meta_batch: int, ways: int, shots: int, query: int, channels: int, size: int
+) -> Callable[..., TaskBatch]:
+    """Noise images ``[T, N*K, C, H, W]`` with labels ``[T, N*K]`` in 0..N-1, class by class."""
+
+    def split(generator: torch.Generator, per_class: int) -> tuple[Tensor, Tensor]:
+        x = torch.rand(meta_batch, ways * per_class, channels, size, size, generator=generator)
+        y = torch.arange(ways).repeat_interleave(per_class).repeat(meta_batch, 1)
+        return x, y
+
+    def sample(generator: torch.Generator) -> TaskBatch:
+        return TaskBatch(*split(generator, shots), *split(generator, query))
+
+    return sample
+
+
+def _image_workload(
+    name: str,
+    *,
+    channels: int,
+    size: int,
+    filters: int,
+    downsample: str,
+    head: str,
+    ways: int,
+    meta_batch: int,
+    steps: int,
+    lr: float,
+) -> Workload:
+    """N-way 1-shot classification with 15 query images per class, on ``Conv4``."""
+    pooling = "stride-2" if downsample == "stride" else "max-pool"
+    return Workload(
+        name=name,
+        summary=(
+            f"Conv4 {filters} filters {pooling} {head} head, {size}x{size}x{channels}; "
+            f"{ways}-way 1-shot, 15 query/class, {meta_batch} tasks, {steps} inner "
+            f"step{'s' if steps > 1 else ''} (lr {lr:g}), second order, Adam {OUTER_LR:g}"
+        ),
+        build_model=lambda: Conv4(
+            in_channels=channels,
+            image_size=size,
+            num_classes=ways,
+            filters=filters,
+            blocks=4,
+            downsample=downsample,
+            head=head,
+        ),
+        sample=_image_batch(meta_batch, ways, 1, 15, channels, size),
+        task_loss=classification_loss,
+        baseline_loss=F.cross_entropy,
+        inner_lr=lr,
+        inner_steps=steps,
+        check_tasks=2,
+        iters=None,
+        warmup=1,
+    )
+
+
+OMNIGLOT = dict(channels=1, size=28, filters=64, downsample="stride", head="mean")
+MINIIMAGENET = dict(channels=3, size=84, filters=32, downsample="max_pool", head="flatten")
+WORKLOADS = {
+    w.name: w
+    for w in (
+        Workload(
+            name="sinusoid",
+            summary=(
+                f"MLP 1-40-40-1 ReLU, 25 tasks, K=10+10, 1 inner step (lr 0.01), second order, "
+                f"Adam {OUTER_LR:g}"
+            ),
+            build_model=lambda: MLP(1, 1, hidden=(40, 40), activation="relu"),
+            sample=_sinusoid_batch(25, 10, 10),
+            task_loss=regression_loss,
+            baseline_loss=F.mse_loss,
+            inner_lr=0.01,
+            inner_steps=1,
+            check_tasks=25,
+            iters=1000,
+            warmup=20,
+        ),
+        _image_workload("omniglot-5w1s", **OMNIGLOT, ways=5, meta_batch=32, steps=1, lr=0.4),
+        _image_workload("omniglot-20w1s", **OMNIGLOT, ways=20, meta_batch=16, steps=5, lr=0.1),
+        _image_workload(
+            "miniimagenet-5w1s", **MINIIMAGENET, ways=5, meta_batch=4, steps=5, lr=0.01
+        ),
+    )
+}
+
+
+def to_device(batch: TaskBatch, device: torch.device, dtype: torch.dtype) -> TaskBatch:
+    """Move ``batch`` to ``device``, floating tensors in ``dtype`` (labels stay integers)."""
+
+    def move(t: Tensor) -> Tensor:
+        return t.to(device, dtype) if t.is_floating_point() else t.to(device)
+
+    return TaskBatch(
+        *(move(t) for t in (batch.support_x, batch.support_y, batch.query_x, batch.query_y))
+    )
+
+
+def first_tasks(batch: TaskBatch, n: int) -> TaskBatch:
+    return TaskBatch(batch.support_x[:n], batch.support_y[:n], batch.query_x[:n], batch.query_y[:n])
+
+
+def fingerprint(model: nn.Module, batch: TaskBatch) -> str:
+    """A hash of the weights and the data, to show that every library got the same."""
+    digest = hashlib.sha256()
+    tensors = [*model.state_dict().values(), batch.support_x, batch.support_y]
+    for t in [*tensors, batch.query_x, batch.query_y]:
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------- runners
+
+
+@dataclass
+class Runner:
+    """One implementation: ``meta_grad`` writes d(mean query loss)/dθ into ``.grad`` of θ."""
+
+    name: str
+    model: nn.Module
+    meta_grad: Callable[[TaskBatch], Tensor]
+    optimizer: torch.optim.Optimizer
+    params: list[Tensor] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.params = list(self.model.parameters())
+
+    def step(self, batch: TaskBatch) -> Tensor:
+        """One full meta-iteration; returns the (detached) mean query loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.meta_grad(batch)
+        self.optimizer.step()
+        return loss
+
+    def gradient(self, batch: TaskBatch) -> list[Tensor]:
+        for p in self.params:
+            p.grad = None
+        self.meta_grad(batch)
+        return [p.grad.detach().clone() for p in self.params]  # type: ignore[union-attr]
+
+
+def make_ours(
+    workload: Workload, lib: Any, model: nn.Module, tasks_per_pass: int | None = None
+) -> Runner:
+    """maml-run's meta-step: ``meta_backward`` in passes of ``tasks_per_pass`` (None: one)."""
+    maml = workload.maml(model)
+    params = dict(model.named_parameters())
+
+    def meta_grad(batch: TaskBatch) -> Tensor:
+        return meta_backward(maml, params, batch, tasks_per_pass)
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=OUTER_LR, fused=True)
+    return Runner("ours", model, meta_grad, optimizer)
