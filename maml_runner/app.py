@@ -54,10 +54,11 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
             if fitted is None or not lead:  # diverged in a sweep; or rank 0 reports
                 exit_code = 0 if fitted is not None else 1
                 return float("nan")
+            selected = job.select(fitted, run_dir)  # θ chosen on validation, never on test
             tested = job.meta_test()
-            report.finish(run_dir, tracker, job, tested, fitted)
+            report.finish(run_dir, tracker, job, tested, fitted, selected)
             exit_code = 0
-            return tested.objective
+            return selected.objective
         finally:
             tracker.close(exit_code)
 

@@ -1,8 +1,9 @@
-"""Config → objects. The only module besides ``app`` and ``cli`` that reads the config tree.
+"""Config → Job. The only module that reads the config tree (the CLI's pre-checks aside).
 
-``validate`` turns out-of-range values into one-line ``UserError`` messages that name the key,
-the value and what is allowed; ``build`` then makes the task family, model, learner, outer
-optimiser and task sets.
+``build(cfg)`` is the only place that tells an RL run from a supervised one. ``validate``
+turns out-of-range values into one-line ``UserError`` messages that name the key, the value and
+what is allowed; the builders then make the task family, model, learner, task stream, update,
+outer optimiser and fixed task sets, and bind every setting a run needs into the ``Job``.
 """
 
 from __future__ import annotations
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
 ALGORITHMS = ("maml", "pretrain")
 SPLITS = ("paper", "background")
 LOGGER_MODES = ("online", "offline", "disabled")
+TEST_CHECKPOINTS = ("best", "last")
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 TRPO_TARGET = "maml_runner.rl.trpo.TRPO"
 FUSED_OPTIMIZERS = ("torch.optim.Adam", "torch.optim.AdamW", "torch.optim.SGD")
 
@@ -69,7 +72,30 @@ def _validate_common(cfg: DictConfig) -> None:
     _positive(cfg, "inner.steps", "inner.eval_steps", minimum=0)
     if cfg.trainer.num_threads is not None:
         _positive(cfg, "trainer.num_threads")
-    _positive(cfg, "eval.num_tasks", "eval.batch_size")
+    _positive(cfg, "eval.batch_size")
+    tasks = cfg.eval.num_tasks
+    _require(
+        isinstance(tasks, int) and tasks >= 2,
+        "eval.num_tasks",
+        tasks,
+        "a mean ± 95% CI over test tasks needs at least 2 (the paper uses 600)",
+    )
+    which = cfg.eval.checkpoint
+    _require(
+        which in TEST_CHECKPOINTS,
+        "eval.checkpoint",
+        which,
+        f"choose one of {', '.join(TEST_CHECKPOINTS)}",
+    )
+    if HydraConfig.initialized() and cfg.trainer.val_every == 0:
+        sweeper = OmegaConf.select(HydraConfig.get(), "sweeper._target_")
+        _require(
+            sweeper in (None, BASIC_SWEEPER),
+            "trainer.val_every",
+            0,
+            f"a search ({sweeper}) is told the validation metric, so it needs validation: "
+            "set trainer.val_every > 0",
+        )
     _positive(cfg, "eval.plot_tasks", minimum=0)
     _require(cfg.inner.lr >= 0, "inner.lr", cfg.inner.lr, "the inner step size must be >= 0")
     bad_steps = [s for s in cfg.eval.report_steps if not 0 <= s <= cfg.inner.eval_steps]
@@ -171,7 +197,9 @@ def validate(cfg: DictConfig) -> None:
             "layer sizes must be >= 1",
         )
     if cfg.task.name in ("omniglot", "miniimagenet"):
-        _positive(cfg, "task.n_way", "task.image_size")
+        _positive(cfg, "task.image_size")
+        # one class: every prediction right, loss 0, a meaningless accuracy
+        _positive(cfg, "task.n_way", minimum=2)
     if cfg.task.name == "omniglot":
         split = cfg.task.split
         _require(split in SPLITS, "task.split", split, f"choose one of {', '.join(SPLITS)}")
@@ -377,6 +405,7 @@ def _common(cfg: DictConfig) -> dict:
     return dict(
         cadence=_cadence(cfg),
         report=_report(cfg),
+        test_checkpoint=cfg.eval.checkpoint,
         resume=cfg.resume or None,
         config=OmegaConf.to_container(cfg, resolve=True),
     )

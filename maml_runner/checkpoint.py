@@ -19,6 +19,7 @@ from maml_runner.errors import UserError
 
 FORMAT_VERSION = 1
 LAST = "last.pt"
+BEST = "best.pt"  # θ at the best validation step
 
 
 def rng_state() -> dict[str, Any]:
@@ -141,7 +142,7 @@ def resume(
 
 
 class Checkpointer:
-    """Saves ``checkpoints/last.pt`` for the trainer (and ``best.pt`` when validation improves).
+    """Saves ``checkpoints/last.pt`` for the trainer, and ``best.pt`` when validation improves.
 
     Args:
         run_dir: the run folder; checkpoints go to its ``checkpoints/``.
@@ -159,10 +160,18 @@ class Checkpointer:
     ) -> None:
         self.folder = run_dir / "checkpoints"
         self.model, self.optimizer, self.config, self.run_id = model, optimizer, config, run_id
-        self.best_step: int | None = None
 
     def save(self, step: int, best: dict | None, train_time: float) -> None:
-        kwargs = dict(
+        """``checkpoints/last.pt``: the run at ``step``, to resume from."""
+        self._write(LAST, step, best, train_time)
+
+    def save_best(self, step: int, best: dict, train_time: float) -> None:
+        """``checkpoints/best.pt``: θ at the best validation step (called at that step)."""
+        self._write(BEST, step, best, train_time)
+
+    def _write(self, name: str, step: int, best: dict | None, train_time: float) -> None:
+        save(
+            self.folder / name,
             model=self.model,
             optimizer=self.optimizer,
             step=step,
@@ -170,14 +179,13 @@ class Checkpointer:
             best=best,
             extra={"train_time": train_time, "wandb_run_id": self.run_id},
         )
-        save(self.folder / LAST, **kwargs)
-        if best is not None and best["step"] == step and best["step"] != self.best_step:
-            save(self.folder / "best.pt", **kwargs)
-            self.best_step = step
 
 
 class NullCheckpointer:
     """Writes nothing: torchrun's ranks other than 0 (rank 0 alone writes checkpoints)."""
 
     def save(self, step: int, best: dict | None, train_time: float) -> None:
+        pass
+
+    def save_best(self, step: int, best: dict, train_time: float) -> None:
         pass

@@ -63,6 +63,8 @@ class EvalConfig:
     report_steps: list[int] = field(default_factory=lambda: [0, 1, 5, 10])
     # example tasks drawn in the task plot (regression only; 0: no plot)
     plot_tasks: int = 4
+    # the θ meta-tested when validation ran: best (the best validation step's) | last
+    checkpoint: str = "best"
 
 
 @dataclass

@@ -8,7 +8,7 @@ References:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -20,12 +20,30 @@ from maml_runner.tasks import FixedTasks
 
 @dataclass
 class EvalResult:
-    """Per metric (``query_loss``, ``query_acc``), mean and 95% CI after 0..S inner steps."""
+    """Per metric (``query_loss``, ``query_acc``), mean, 95% CI and median after 0..S steps.
+
+    ``diverged[s]`` counts the tasks whose figures are not finite after ``s`` steps (the mean
+    then is not finite either; the median is over the tasks that have a number).
+    """
 
     inner_steps: list[int]
     num_tasks: int
     mean: dict[str, list[float]]
     ci95: dict[str, list[float]]
+    median: dict[str, list[float]] = field(default_factory=dict)
+    diverged: list[int] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, values: dict[str, torch.Tensor]) -> EvalResult:
+        """Summarise ``{metric: [steps+1, tasks]}`` over the tasks."""
+        mean, ci95, median = {}, {}, {}
+        for name, v in values.items():
+            mean[name], ci95[name] = mean_ci95(v)
+            median[name] = v.double().nanmedian(-1).values.tolist()
+        finite = torch.stack([torch.isfinite(v) for v in values.values()]).all(0)
+        steps, num_tasks = finite.shape
+        diverged = (~finite).sum(-1).tolist()
+        return cls(list(range(steps)), num_tasks, mean, ci95, median, diverged)
 
     def at(self, metric: str, step: int) -> tuple[float, float]:
         return self.mean[metric][step], self.ci95[metric][step]
@@ -34,6 +52,10 @@ class EvalResult:
         out: dict = {"inner_steps": self.inner_steps, "num_tasks": self.num_tasks}
         for metric in self.mean:
             out[metric] = {"mean": self.mean[metric], "ci95": self.ci95[metric]}
+            if metric in self.median:
+                out[metric]["median"] = self.median[metric]
+        if self.diverged:
+            out["diverged"] = self.diverged
         return out
 
     @classmethod
@@ -44,6 +66,8 @@ class EvalResult:
             num_tasks=int(data["num_tasks"]),
             mean={m: list(data[m]["mean"]) for m in metrics},
             ci95={m: list(data[m]["ci95"]) for m in metrics},
+            median={m: list(data[m]["median"]) for m in metrics if "median" in data[m]},
+            diverged=list(data.get("diverged", [])),
         )
 
 
@@ -83,8 +107,5 @@ def meta_test(
         adaptation_curve(model, task_loss, params, batch, lr=lr, steps=steps)
         for batch in tasks.batches()
     ]
-    mean, ci95 = {}, {}
-    for name in chunks[0]:
-        values = torch.cat([c[name] for c in chunks], dim=1)  # [steps+1, num_tasks]
-        mean[f"query_{name}"], ci95[f"query_{name}"] = mean_ci95(values)
-    return EvalResult(list(range(steps + 1)), tasks.num_tasks, mean, ci95)
+    # [steps+1, num_tasks] per quantity, named as reported: query_loss, query_acc
+    return EvalResult.of({f"query_{n}": torch.cat([c[n] for c in chunks], 1) for n in chunks[0]})

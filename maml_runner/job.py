@@ -10,6 +10,7 @@ config.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,13 +18,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from maml_runner import plots
+from maml_runner import checkpoint, plots
 from maml_runner.evaluation import EvalResult, meta_test
 from maml_runner.maml import predictions_after
 from maml_runner.maml.functional import Params
 from maml_runner.tasks import FixedTasks
 from maml_runner.tasks.base import TaskFamily
-from maml_runner.trainer import Cadence, Update, Validation
+from maml_runner.trainer import Cadence, FitResult, Update, Validation
 
 
 @dataclass(frozen=True)
@@ -49,16 +50,28 @@ class Report:
 
 @dataclass
 class Tested:
-    """A meta-test: our result, any baselines (``{"random_init": ...}``), the objective.
+    """A meta-test: our result and any baselines (``{"random_init": ...}``).
 
-    ``objective`` is minimised by Hydra's sweepers; ``detail`` is what plots need beyond the
-    numbers (RL: the test episodes).
+    ``detail`` is what plots need beyond the numbers (RL: the test episodes).
     """
 
     result: EvalResult
-    objective: float
     baselines: dict[str, EvalResult] = field(default_factory=dict)
     detail: Any = None
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which θ the meta-test tests, and the objective a sweeper is told.
+
+    ``objective`` is the validation figure of that θ as a value to minimise (negated where
+    higher is better), never a test figure; NaN when no validation ran. ``metric`` names it.
+    """
+
+    checkpoint: str  # best | last
+    step: int
+    objective: float
+    metric: str | None
 
 
 @dataclass(kw_only=True)
@@ -76,9 +89,25 @@ class Job:
     cadence: Cadence
     validation: Validation | None
     report: Report
+    test_checkpoint: str  # best | last: the θ the meta-test uses when validation ran
     resume: str | None  # run folder or checkpoint to continue from
     config: dict  # the resolved config: saved in checkpoints, logged to W&B
     device: torch.device
+
+    def select(self, fitted: FitResult, folder: Path) -> Selection:
+        """Put the θ to meta-test into the model: the best validation step's (``best.pt``) or
+        the last; say which, with the objective. Without validation: the last, objective NaN."""
+        val, last = self.validation, fitted.last_validation
+        if val is None or last is None:
+            return Selection("last", fitted.step, math.nan, None)
+        sign = -1.0 if val.maximize else 1.0
+        best = fitted.best
+        if self.test_checkpoint == "best" and best is not None:
+            if best["step"] != fitted.step:
+                path = folder / "checkpoints" / checkpoint.BEST
+                self.model.load_state_dict(checkpoint.load(path, self.device)["model"])
+            return Selection("best", best["step"], sign * best["value"], val.key)
+        return Selection("last", fitted.step, sign * last["value"], val.key)
 
     def meta_test(self, baselines: bool = True) -> Tested:
         raise NotImplementedError
@@ -109,7 +138,9 @@ class SupervisedJob(Job):
 
     def __post_init__(self) -> None:
         if self.val_tasks is not None and self.validation is None:
-            self.validation = Validation(self._validate, "meta_val/query_loss", maximize=False)
+            loss = self.family.task_loss  # its quantity that picks the best step
+            key = f"meta_val/query_{loss.select}"
+            self.validation = Validation(self._validate, key, maximize=loss.maximize)
 
     def _evaluate(self, tasks: FixedTasks) -> EvalResult:
         return meta_test(
@@ -126,9 +157,8 @@ class SupervisedJob(Job):
         return {f"meta_val/{m}": result.mean[m][-1] for m in result.mean}
 
     def meta_test(self, baselines: bool = True) -> Tested:
-        """The paper's protocol on the test tasks; the objective is the final query loss."""
-        result = self._evaluate(self.test_tasks)
-        return Tested(result, objective=result.mean["query_loss"][-1])
+        """The paper's protocol on the test tasks (query metrics after 0..eval_steps steps)."""
+        return Tested(self._evaluate(self.test_tasks))
 
     def plots(self, tested: Tested, folder: Path) -> dict[str, Path]:
         images = {

@@ -7,6 +7,7 @@ meta-test and the training outcome.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 
 from maml_runner.evaluation import EvalResult
-from maml_runner.job import Job, Tested
+from maml_runner.job import Job, Selection, Tested
 from maml_runner.trainer import FitResult
 
 METRICS = "metrics.json"
@@ -45,6 +46,16 @@ def print_result(tested: Tested, report_steps: list[int], paper: dict | None) ->
             row.append(f"{paper_values[step]:.3g}" if step in paper_values else "")
         table.add_row(*row)
     console.print(table)
+    if any(result.diverged):
+        worst = max(result.diverged)
+        medians = "; ".join(
+            f"{m} " + ", ".join(f"{result.median[m][s]:.4g}" for s in report_steps) for m in metrics
+        )
+        console.print(
+            f"[yellow]warning:[/] {worst} of {result.num_tasks} tasks diverged (non-finite "
+            f"figures) at some inner step; the means include them. Medians at steps "
+            f"{report_steps}: {medians}"
+        )
     for name, baseline in tested.baselines.items():
         for metric, values in baseline.mean.items():
             shown = ", ".join(f"{v:.2f}" for v in values)
@@ -60,11 +71,16 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
-def metrics(job: Job, tested: Tested, fitted: FitResult) -> dict:
+def metrics(job: Job, tested: Tested, fitted: FitResult, selected: Selection) -> dict:
     """The contents of ``metrics.json``."""
+    objective = selected.objective if math.isfinite(selected.objective) else None
     out = {
         **job.report.header,
-        "meta_test": tested.result.to_dict(),
+        "meta_test": {
+            **tested.result.to_dict(),
+            "checkpoint": selected.checkpoint,
+            "step": selected.step,
+        },
         "meta_val": {"best": fitted.best},
         "train": {
             "steps": fitted.step,
@@ -73,7 +89,8 @@ def metrics(job: Job, tested: Tested, fitted: FitResult) -> dict:
         },
         "hardware": {"device": device_name(job.device), "torch": torch.__version__},
         "paper": job.report.paper,
-        "objective": tested.objective,
+        "objective": objective,
+        "objective_metric": selected.metric,
     }
     if tested.baselines:
         out["baselines"] = {name: r.to_dict() for name, r in tested.baselines.items()}
@@ -91,11 +108,25 @@ def summarise(tracker, result: EvalResult, step: int) -> None:
     tracker.summary(summary)
 
 
-def finish(run_dir: Path, tracker, job: Job, tested: Tested, fitted: FitResult) -> None:
+def describe(selected: Selection) -> str:
+    """One line: which θ was tested and what the sweepers are told."""
+    if selected.metric is None:
+        return f"meta-tested θ of step {selected.step} (no validation ran: sweep objective NaN)"
+    return (
+        f"meta-tested θ of step {selected.step} ({selected.checkpoint} {selected.metric}); "
+        f"sweep objective {selected.objective:.4g}"
+    )
+
+
+def finish(
+    run_dir: Path, tracker, job: Job, tested: Tested, fitted: FitResult, selected: Selection
+) -> None:
     """Print the table; write metrics.json, the W&B summary and the plots; say where they are."""
     print_result(tested, job.report.report_steps, job.report.paper)
+    console.print(describe(selected))
     images = job.plots(tested, run_dir)
-    (run_dir / METRICS).write_text(json.dumps(metrics(job, tested, fitted), indent=2))
+    data = metrics(job, tested, fitted, selected)
+    (run_dir / METRICS).write_text(json.dumps(data, indent=2))
     summarise(tracker, tested.result, fitted.step)
     tracker.log_images(images, fitted.step)
     console.print(f"run folder: {run_dir} (metrics.json, adaptation.png, checkpoints/)")

@@ -134,6 +134,8 @@ class Logger(Protocol):
 class Saver(Protocol):
     def save(self, step: int, best: dict | None, train_time: float) -> None: ...
 
+    def save_best(self, step: int, best: dict, train_time: float) -> None: ...
+
 
 @dataclass(frozen=True)
 class Cadence:
@@ -170,6 +172,7 @@ class FitResult:
     train_time: float
     it_per_s: float
     best: dict | None = field(default=None)
+    last_validation: dict | None = None  # the final validation: key, value, step
 
 
 @contextmanager
@@ -212,6 +215,29 @@ def _finite(params: Params) -> bool:
     return all(bool(torch.isfinite(p).all()) for p in params.values())
 
 
+def _validate(
+    validation: Validation, step: int, best: dict | None, tracker: Logger, console: Console
+) -> tuple[dict | None, dict]:
+    """Validate at ``step``; return the new best (a NaN/inf value is never the best) and this
+    validation's ``{key, value, step}``."""
+    metrics = validation.run()
+    tracker.log(metrics, step)
+    key, value = validation.key, metrics[validation.key]
+    this = {"key": key, "value": value, "step": step}
+    improved = math.isfinite(value) and (
+        best is None or (value > best["value"] if validation.maximize else value < best["value"])
+    )
+    if improved:
+        best = {"key": key, "value": value, "step": step}
+        note = " (best)"
+    elif best is None:
+        note = " (not finite: no best yet)"
+    else:
+        note = f" (best {best['value']:.4f} at {best['step']})"
+    console.log(f"step {step}: {key} {value:.4f}{note}")
+    return best, this
+
+
 def fit(
     update: Update,
     params: Params,
@@ -239,6 +265,9 @@ def fit(
     steps, log_every = cadence.steps, cadence.log_every
     val_every, checkpoint_every = cadence.val_every, cadence.checkpoint_every
     best, start_step, train_time = resumed.best, resumed.step, resumed.train_time
+    if best is not None and (validation is None or best["key"] != validation.key):
+        best = None  # chosen on another metric (a run from before the metric changed)
+    last_validation = None
     device = next(iter(params.values())).device
     step, count = start_step, 0
     loss_sum = torch.zeros(len(metrics), device=device)
@@ -248,7 +277,10 @@ def fit(
     def save() -> None:
         if not (bool(torch.isfinite(loss_sum).all()) and _finite(params)):
             raise Diverged(step)
-        checkpointer.save(step, best, train_time + time.perf_counter() - started)
+        checkpointer.save(step, best, elapsed())
+
+    def elapsed() -> float:
+        return train_time + time.perf_counter() - started
 
     started = time.perf_counter()
     bar = _progress(console, metrics[0].split("/")[-1]) if cadence.progress else None
@@ -272,20 +304,10 @@ def fit(
                 count = 0
                 if bar is not None:
                     bar.update(task, completed=step, speed=f"{speed:.3g}", loss=f"{mean:.4g}")
-            if validation is not None and val_every and step % val_every == 0:
-                val_metrics = validation.run()
-                tracker.log(val_metrics, step)
-                val_key = validation.key
-                value = val_metrics[val_key]
-                improved = best is None or (
-                    value > best["value"] if validation.maximize else value < best["value"]
-                )
-                if improved:
-                    best = {"key": val_key, "value": value, "step": step}
-                console.log(
-                    f"step {step}: {val_key} {value:.4f}"
-                    + (" (best)" if improved else f" (best {best['value']:.4f} at {best['step']})")
-                )
+            if validation is not None and val_every and (step % val_every == 0 or step == steps):
+                best, last_validation = _validate(validation, step, best, tracker, console)
+                if best is not None and best["step"] == step:  # θ now is the best so far
+                    checkpointer.save_best(step, best, elapsed())
             if checkpoint_every and step % checkpoint_every == 0 and step < steps:
                 save()
             if stop(bool(received)) if stop is not None else received:
@@ -294,12 +316,13 @@ def fit(
         if bar is not None:
             bar.update(task, completed=step)
     save()
-    elapsed = time.perf_counter() - started
+    session = time.perf_counter() - started
     done = step - start_step
     return FitResult(
         step=step,
         interrupted=interrupted,
-        train_time=train_time + elapsed,
-        it_per_s=done / elapsed if elapsed > 0 else 0.0,
+        train_time=train_time + session,
+        it_per_s=done / session if session > 0 else 0.0,
         best=best,
+        last_validation=last_validation,
     )

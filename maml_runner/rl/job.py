@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from maml_runner import plots
-from maml_runner.evaluation import EvalResult, mean_ci95
+from maml_runner.evaluation import EvalResult
 from maml_runner.job import Job, Tested
 from maml_runner.maml.functional import Params
 from maml_runner.rl.envs import VectorEnv
@@ -64,15 +64,13 @@ class RLJob(Job):
 
     def _test(self, params: Params) -> tuple[EvalResult, AdaptationResult]:
         adapted = self.adaptation(params, self.test_tasks, self.eval_steps, self.test_seed)
-        mean, ci95 = mean_ci95(adapted.returns)
-        steps, num = adapted.returns.shape
-        return EvalResult(list(range(steps)), num, {"return": mean}, {"return": ci95}), adapted
+        return EvalResult.of({"return": adapted.returns}), adapted
 
     def meta_test(self, baselines: bool = True) -> Tested:
-        """Mean return after 0..eval_steps steps; the objective is −(the final return)."""
+        """Mean return after 0..eval_steps steps, and the random-init row (``baselines``)."""
         result, ours = self._test(self.learner.params)
         others = {RANDOM_INIT: self._test(self.initial_state)[0]} if baselines else {}
-        return Tested(result, objective=-result.mean["return"][-1], baselines=others, detail=ours)
+        return Tested(result, baselines=others, detail=ours)
 
     def plots(self, tested: Tested, folder: Path) -> dict[str, Path]:
         curves = {self.report.label: tested.result}

@@ -36,11 +36,15 @@ class TaskLoss:
     """The loss that adaptation and the meta-objective minimise, plus metrics to report.
 
     ``metrics`` maps a quantity name (``acc``) to a per-task function; it is reported as
-    ``<split>/query_<name>`` beside ``<split>/query_loss``.
+    ``<split>/query_<name>`` beside ``<split>/query_loss``. ``select`` names the quantity that
+    picks the best validation step and is the objective of sweeps (``loss`` or a metric), and
+    ``maximize`` its direction.
     """
 
     loss: PerTask
     metrics: dict[str, PerTask] = field(default_factory=dict)
+    select: str = "loss"
+    maximize: bool = False
 
 
 def regression_loss() -> TaskLoss:
@@ -48,4 +52,4 @@ def regression_loss() -> TaskLoss:
 
 
 def classification_loss() -> TaskLoss:
-    return TaskLoss(loss=cross_entropy, metrics={"acc": accuracy})
+    return TaskLoss(loss=cross_entropy, metrics={"acc": accuracy}, select="acc", maximize=True)

@@ -1,0 +1,153 @@
+"""The evaluation protocol: selection on validation only, best.pt, NaN, meaningful statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from maml_runner import app, checkpoint
+from maml_runner.evaluation import EvalResult
+from maml_runner.trainer import Cadence, Validation, fit
+from tests.helpers import QUICK, make_config, maml_run, read_metrics
+
+
+class Recorder:
+    """A real Saver: keeps what it was asked to write, so a test can read the steps."""
+
+    def __init__(self) -> None:
+        self.last: list[int] = []
+        self.best: list[int] = []
+
+    def save(self, step: int, best: dict | None, train_time: float) -> None:
+        self.last.append(step)
+
+    def save_best(self, step: int, best: dict, train_time: float) -> None:
+        self.best.append(step)
+
+
+class History:
+    def __init__(self) -> None:
+        self.rows: list[dict] = []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.rows.append({"step": step, **metrics})
+
+
+def _fit(values: dict[int, float], steps: int, val_every: int, maximize: bool = False):
+    """fit() on a one-parameter problem, with validation figures ``values[step]``."""
+    theta = {"w": torch.zeros(1, requires_grad=True)}
+    clock = {"step": 0}
+
+    def update(step: int) -> torch.Tensor:
+        clock["step"] = step + 1
+        return torch.tensor(0.5)
+
+    def validate() -> dict[str, float]:
+        return {"meta_val/x": values[clock["step"]]}
+
+    saver = Recorder()
+    fitted = fit(
+        update,
+        theta,
+        Cadence(steps=steps, val_every=val_every, checkpoint_every=10, log_every=5, progress=False),
+        tracker=History(),
+        checkpointer=saver,
+        validation=Validation(validate, "meta_val/x", maximize),
+        metrics=("meta_train/x",),
+    )
+    return fitted, saver
+
+
+def test_best_is_saved_at_the_best_validation_step_not_at_a_checkpoint_step() -> None:
+    # validation every 15, checkpoints every 10, 50 steps: validations at 15, 30, 45 and 50
+    fitted, saver = _fit({15: 3.0, 30: 2.0, 45: 1.0, 50: 1.5}, steps=50, val_every=15)
+    assert fitted.best["step"] == 45 and saver.best == [15, 30, 45]
+    assert saver.last == [10, 20, 30, 40, 50]
+    assert fitted.last_validation == {"key": "meta_val/x", "value": 1.5, "step": 50}
+    # 20 steps: validations at 15 and 20 (the last step); a best exists
+    fitted, saver = _fit({15: 3.0, 20: 2.5}, steps=20, val_every=15)
+    assert fitted.best["step"] == 20 and saver.best == [15, 20]
+
+
+def test_a_nan_validation_is_never_the_best() -> None:
+    fitted, saver = _fit({10: math.nan, 20: 4.0, 30: math.nan}, steps=30, val_every=10)
+    assert fitted.best == {"key": "meta_val/x", "value": 4.0, "step": 20} and saver.best == [20]
+    fitted, _ = _fit({10: math.nan, 20: math.inf}, steps=20, val_every=10, maximize=True)
+    assert fitted.best is None
+
+
+def test_best_pt_the_tested_step_and_the_objective_are_the_validations(tmp_path: Path) -> None:
+    """val_every=15, checkpoint_every=10, 50 steps: best.pt is the best validation step's θ,
+    the meta-test tests it, and the returned objective is its validation loss."""
+    overrides = [*QUICK, "trainer.steps=50", "trainer.val_every=15", "trainer.checkpoint_every=10"]
+    objective = app.run(make_config(overrides), tmp_path)
+    metrics = read_metrics(tmp_path)
+    best = metrics["meta_val"]["best"]
+    assert checkpoint.load(tmp_path / "checkpoints" / "best.pt")["step"] == best["step"]
+    assert metrics["meta_test"]["checkpoint"] == "best"
+    assert metrics["meta_test"]["step"] == best["step"]
+    assert objective == metrics["objective"] == best["value"]
+    assert metrics["objective_metric"] == "meta_val/query_loss"
+    # the same θ through `maml-run evaluate best.pt` gives the same test numbers
+    maml_run(["evaluate", str(tmp_path / "checkpoints" / "best.pt")], cwd=tmp_path)
+    [out] = (tmp_path / "checkpoints").glob("eval_step*.json")
+    assert out.name.startswith(f"eval_step{best['step']}_")
+    again = json.loads(out.read_text())["meta_test"]["query_loss"]
+    assert again == metrics["meta_test"]["query_loss"]
+
+
+def test_eval_checkpoint_last_and_no_validation(tmp_path: Path) -> None:
+    last = app.run(make_config([*QUICK, "eval.checkpoint=last"]), tmp_path / "last")
+    metrics = read_metrics(tmp_path / "last")
+    assert metrics["meta_test"]["checkpoint"] == "last" and metrics["meta_test"]["step"] == 40
+    history = (tmp_path / "last" / "metrics.jsonl").read_text().splitlines()
+    final = [r for r in history if '"step": 40' in r and "meta_val/query_loss" in r]
+    assert final and last == metrics["objective"]
+    none = app.run(make_config([*QUICK, "trainer.val_every=0"]), tmp_path / "none")
+    metrics = read_metrics(tmp_path / "none")
+    assert math.isnan(none) and metrics["objective"] is None
+    assert metrics["objective_metric"] is None and metrics["meta_test"]["checkpoint"] == "last"
+
+
+def test_classification_selects_on_validation_accuracy(tmp_path: Path) -> None:
+    cfg = make_config(
+        [*QUICK, "task=omniglot", "model=conv4", "model.filters=8", "trainer.steps=20"]
+        + ["trainer.val_every=10", "trainer.meta_batch_size=2", "data.root=null"]
+    )
+    pytest.importorskip("PIL")
+    try:
+        objective = app.run(cfg, tmp_path)
+    except Exception as err:  # no Omniglot beside this checkout
+        pytest.skip(f"Omniglot data unavailable: {err}")
+    metrics = read_metrics(tmp_path)
+    assert metrics["objective_metric"] == "meta_val/query_acc"
+    assert objective == -metrics["meta_val"]["best"]["value"] < 0
+
+
+def test_diverged_tasks_are_counted_and_the_median_reported() -> None:
+    values = torch.tensor([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, math.nan]])
+    result = EvalResult.of({"query_loss": values})
+    assert result.diverged == [0, 1] and result.num_tasks == 4
+    assert result.median["query_loss"] == [2.0, 2.0]  # torch's lower median, NaN left out
+    assert math.isnan(result.mean["query_loss"][1])
+    again = EvalResult.from_dict(result.to_dict())
+    assert again.diverged == [0, 1] and again.median == result.median
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["eval.num_tasks=1"], "eval.num_tasks=1: a mean ± 95% CI over test tasks needs at least"),
+        (["task=omniglot", "n_way=1"], "task.n_way=1: must be an integer >= 2"),
+        (["eval.checkpoint=first"], "eval.checkpoint=first: choose one of best, last"),
+    ],
+)
+def test_meaningless_statistics_are_refused(tmp_path: Path, args: list[str], message: str) -> None:
+    proc = maml_run([*QUICK, *args], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not list(tmp_path.rglob("metrics.json"))
