@@ -11,12 +11,18 @@ from dataclasses import dataclass
 
 import torch
 
+from maml_runner.errors import require
 from maml_runner.maml.core import TaskBatch
 
 
 @dataclass(frozen=True)
 class Sinusoid:
-    """The sinusoid task family; ranges default to the paper's."""
+    """The sinusoid task family; ranges default to the paper's.
+
+    Raises:
+        InvalidArgument: an empty or reversed range (``0 <= amplitude_min <= amplitude_max``,
+            ``phase_min <= phase_max``, ``x_min < x_max``).
+    """
 
     amplitude_min: float = 0.1
     amplitude_max: float = 5.0
@@ -27,6 +33,22 @@ class Sinusoid:
 
     input_shape: tuple[int, ...] = (1,)
     output_size: int = 1
+
+    def __post_init__(self) -> None:
+        require(self.amplitude_min >= 0, "amplitude_min", self.amplitude_min, "must be >= 0")
+        require(
+            self.amplitude_max >= self.amplitude_min,
+            "amplitude_max",
+            self.amplitude_max,
+            f"must be >= amplitude_min ({self.amplitude_min})",
+        )
+        require(
+            self.phase_max >= self.phase_min,
+            "phase_max",
+            self.phase_max,
+            f"must be >= phase_min ({self.phase_min})",
+        )
+        require(self.x_max > self.x_min, "x_max", self.x_max, f"must be > x_min ({self.x_min})")
 
     def sample(
         self, num_tasks: int, generator: torch.Generator, *, k_shot: int, query_size: int
