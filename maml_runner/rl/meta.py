@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from maml_runner.errors import positive_int, require
 from maml_runner.maml import per_task
-from maml_runner.maml.core import inner_update
+from maml_runner.maml.core import check_inner, inner_update
 from maml_runner.maml.functional import Params
 from maml_runner.models.policy import GaussianPolicy, kl_divergence, log_prob
 from maml_runner.rl.envs import VectorEnv
@@ -52,7 +53,13 @@ class AdaptationResult:
 
 
 class MetaRL:
-    """MAML-TRPO (and, with ``inner_steps=0``, the multi-task pretrained baseline)."""
+    """MAML-TRPO (and, with ``inner_steps=0``, the multi-task pretrained baseline).
+
+    Raises:
+        InvalidArgument: ``inner_lr`` < 0, ``inner_steps`` not an integer >= 0,
+            ``meta_batch_size``, ``episodes_per_task`` or ``horizon`` not an integer >= 1, or
+            ``discount`` outside (0, 1].
+    """
 
     def __init__(
         self,
@@ -70,6 +77,11 @@ class MetaRL:
         normalize_advantages: bool,
         seed: int,
     ) -> None:
+        check_inner(inner_lr, inner_steps)
+        positive_int("meta_batch_size", meta_batch_size)
+        positive_int("episodes_per_task", episodes_per_task)
+        positive_int("horizon", horizon)
+        require(0 < discount <= 1, "discount", discount, "need 0 < discount <= 1")
         self.env, self.policy, self.optimizer = env, policy, optimizer
         self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
         self.meta_batch_size, self.episodes_per_task = meta_batch_size, episodes_per_task
