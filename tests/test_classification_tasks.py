@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from maml_runner.errors import InvalidArgument
 from maml_runner.tasks import FixedTasks
 from maml_runner.tasks.classification import ImageClasses
 
@@ -87,11 +88,13 @@ def test_fixed_tasks_are_the_same_each_time_without_being_kept() -> None:
 
 
 def test_impossible_requests_say_what_is_allowed() -> None:
-    with pytest.raises(ValueError, match="n_way=31 but images has 30 classes"):
+    with pytest.raises(InvalidArgument, match="n_way=31: images has 30 classes") as err:
         ImageClasses(labelled_images(), n_way=31)
+    assert err.value.name == "n_way"
     family = ImageClasses(labelled_images(), n_way=5)
-    with pytest.raises(ValueError, match="k_shot \\+ query_size = 21"):
+    with pytest.raises(InvalidArgument, match="k_shot \\+ query_size = 21") as err:
         family.sample(2, torch.Generator(), k_shot=6, query_size=15)
+    assert err.value.name == "k_shot"
 
 
 def test_a_split_without_rotations_is_not_copied() -> None:

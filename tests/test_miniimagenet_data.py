@@ -19,7 +19,7 @@ from PIL import Image
 
 from maml_runner.data import miniimagenet
 from maml_runner.data.miniimagenet import decode, load_miniimagenet
-from maml_runner.errors import UserError
+from maml_runner.errors import InvalidArgument
 
 # Listed unsorted to check that classes come out sorted by wnid.
 CLASSES = {
@@ -193,9 +193,11 @@ def test_unequal_classes_are_truncated_with_a_warning(
 # --- error messages -----------------------------------------------------------------------
 
 
-def _error(root: object, tmp_path: Path, **kwargs: object) -> str:
-    with pytest.raises(UserError) as info:
+def _error(root: object, tmp_path: Path, name: str = "root", **kwargs: object) -> str:
+    """The message of the ``InvalidArgument`` loading ``root`` raises; it must name ``name``."""
+    with pytest.raises(InvalidArgument) as info:
         load_miniimagenet(root, cache_dir=tmp_path / "cache", **kwargs)  # type: ignore[arg-type]
+    assert info.value.name == name
     message = str(info.value)
     assert "\n" not in message
     return message
@@ -204,13 +206,13 @@ def _error(root: object, tmp_path: Path, **kwargs: object) -> str:
 @pytest.mark.parametrize("root", [None, ""])
 def test_unset_root(tmp_path: Path, root: object) -> None:
     message = _error(root, tmp_path)
-    assert message.startswith("data.root=null: miniImageNet is not downloadable automatically")
-    assert "mini-imagenet-cache-*.pkl" in message and "set data.root=..." in message
+    assert message.startswith("root=None: miniImageNet is not downloadable automatically")
+    assert "mini-imagenet-cache-*.pkl" in message and "point root at it" in message
 
 
 def test_missing_root(tmp_path: Path) -> None:
     message = _error(tmp_path / "nowhere", tmp_path)
-    assert f"data.root={tmp_path / 'nowhere'}: no such folder" in message
+    assert f"root={tmp_path / 'nowhere'}: no such folder" in message
     assert "not downloadable automatically" in message
 
 
@@ -255,4 +257,5 @@ def test_bad_pickle(tmp_path: Path) -> None:
 
 def test_bad_image_size(tmp_path: Path) -> None:
     root = make_fixture(tmp_path, "pickle")
-    assert "data.image_size=0: must be a positive integer" in _error(root, tmp_path, image_size=0)
+    message = _error(root, tmp_path, "image_size", image_size=0)
+    assert "image_size=0: must be an integer >= 1" in message

@@ -30,7 +30,7 @@ from maml_runner.data.omniglot import (
     load_omniglot,
     paper_split,
 )
-from maml_runner.errors import UserError
+from maml_runner.errors import InvalidArgument, UserError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 needs_shared = pytest.mark.skipif(
@@ -213,29 +213,31 @@ def test_corrupt_archive_is_refused(tmp_path: Path, with_sums: bool) -> None:
     (root / EVALUATION_ZIP).symlink_to(SHARED / EVALUATION_ZIP)
     if with_sums:
         shutil.copyfile(SHARED / "SHA256SUMS", root / "SHA256SUMS")
-    with pytest.raises(UserError) as err:
+    with pytest.raises(InvalidArgument) as err:
         load_omniglot(root, cache_dir=tmp_path / "cache")
     message = str(err.value)
+    assert err.value.name == "root" and err.value.value == root
     assert BACKGROUND_ZIP in message and "\n" not in message
     assert ("sha256" if with_sums else "official md5") in message
     assert not (tmp_path / "cache").exists()  # nothing decoded
 
 
 def test_missing_archive_says_what_to_do(tmp_path: Path) -> None:
-    with pytest.raises(UserError) as err:
+    with pytest.raises(InvalidArgument) as err:
         load_omniglot(tmp_path, cache_dir=tmp_path / "cache")
     message = str(err.value)
-    assert f"data.root={tmp_path}" in message
-    assert BACKGROUND_ZIP in message and EVALUATION_ZIP in message
-    assert "data.download=true" in message
-    with pytest.raises(UserError, match=r"data.root=null \(default folder .*data.download=true"):
+    assert err.value.name == "root"
+    assert message.startswith(f"root={tmp_path}: {BACKGROUND_ZIP} is missing")
+    assert EVALUATION_ZIP in message and "turn download on" in message
+    pattern = r"root=None: the default folder .*omniglot has no .*turn download on"
+    with pytest.raises(InvalidArgument, match=pattern):
         load_omniglot(None, cache_dir=tmp_path / "cache")
 
 
 def test_bad_options(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="data.image_size=0"):
+    with pytest.raises(InvalidArgument, match="image_size=0: must be an integer >= 1"):
         load_omniglot(tmp_path, cache_dir=tmp_path, image_size=0)
-    with pytest.raises(UserError, match="data.resample=bicubic"):
+    with pytest.raises(InvalidArgument, match="resample=bicubic: choose one of lanczos, nearest"):
         load_omniglot(tmp_path, cache_dir=tmp_path, resample="bicubic")
 
 
@@ -346,7 +348,7 @@ def test_paper_split() -> None:
     assert sorted(everything.tolist()) == list(range(1623))  # disjoint and covering
     assert all(torch.equal(split[k], paper_split()[k]) for k in split)  # fixed seed
     assert not torch.equal(split["train"], paper_split(seed=2)["train"])
-    with pytest.raises(UserError, match="data.num_train"):
+    with pytest.raises(InvalidArgument, match="num_train=2000: there are 1623 characters"):
         paper_split(num_train=2000)
 
 
@@ -365,7 +367,9 @@ def test_background_split(omniglot: OmniglotData) -> None:
     assert not bool(omniglot.background[split["test"]].any())
     named = background_split(omniglot, val_alphabets=["Braille", "Latin"])
     assert {omniglot.alphabets[i] for i in named["val"].tolist()} == {"Braille", "Latin"}
-    with pytest.raises(UserError, match="data.val_alphabets"):
+    with pytest.raises(
+        InvalidArgument, match=r"val_alphabets=\['Klingon'\]: \['Klingon'\] are not"
+    ):
         background_split(omniglot, val_alphabets=["Klingon"])
 
 

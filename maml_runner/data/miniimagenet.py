@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from maml_runner.data import archives
-from maml_runner.errors import UserError
+from maml_runner.errors import InvalidArgument, choose, positive_int
 
 if TYPE_CHECKING:
     from PIL.Image import Image as PILImage
@@ -67,7 +67,7 @@ CSV_HEADER = ["filename", "label"]
 
 HOW_TO_GET = (
     "miniImageNet is not downloadable automatically; obtain the Ravi & Larochelle split "
-    "(images + train/val/test CSVs, or the mini-imagenet-cache-*.pkl files) and set data.root=..."
+    "(images + train/val/test CSVs, or the mini-imagenet-cache-*.pkl files) and point root at it"
 )
 LOOKED_FOR = (
     "mini-imagenet-cache-{train,val,test}.pkl; images/ with train.csv, val.csv and test.csv; "
@@ -90,12 +90,11 @@ def load_miniimagenet(
         by wnid.
 
     Raises:
-        UserError: ``root`` unset or missing, no known layout in it, a CSV naming a missing
-            image, an unreadable image or pickle, a split without classes, or a bad
-            ``image_size``.
+        InvalidArgument: ``image_size`` not an integer >= 1; ``root`` unset or missing, no known
+            layout in it, a CSV naming a missing image, an unreadable image or pickle, or a split
+            without classes.
     """
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise UserError(f"data.image_size={image_size}: must be a positive integer (e.g. 84)")
+    positive_int("image_size", image_size)
     root = _check_root(root)
     layout = detect_layout(root)
     listing = _listing(root, layout)
@@ -112,10 +111,10 @@ def load_miniimagenet(
 
 def _check_root(root: str | Path | None) -> Path:
     if root is None or str(root) == "":
-        raise UserError(f"data.root=null: {HOW_TO_GET}")
+        raise InvalidArgument("root", None, HOW_TO_GET)
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise UserError(f"data.root={root}: no such folder; {HOW_TO_GET}")
+        raise InvalidArgument("root", root, f"no such folder; {HOW_TO_GET}")
     return path
 
 
@@ -123,7 +122,8 @@ def detect_layout(root: Path) -> str:
     """The layout of ``root``: ``"pickle"``, ``"csv"`` or ``"folders"`` (first one complete).
 
     Raises:
-        UserError: none is complete; the message lists what was looked for and what was found.
+        InvalidArgument: (``root``) none is complete; the message lists what was looked for
+            and what was found.
     """
     if all((root / PICKLE_NAME.format(split=s)).is_file() for s in SPLITS):
         return "pickle"
@@ -140,9 +140,10 @@ def detect_layout(root: Path) -> str:
         if (root / name.rstrip("/")).exists()
     ]
     have = f"found only {', '.join(found)}" if found else "found none of them"
-    raise UserError(
-        f"data.root={root}: no miniImageNet layout found; looked for {LOOKED_FOR} ({have}); "
-        f"{HOW_TO_GET}"
+    raise InvalidArgument(
+        "root",
+        root,
+        f"no miniImageNet layout found; looked for {LOOKED_FOR} ({have}); {HOW_TO_GET}",
     )
 
 
@@ -152,18 +153,22 @@ def _read_csv(root: Path, split: str) -> list[tuple[str, str]]:
     with open(path, newline="") as f:
         rows = [row for row in csv.reader(f) if row and any(cell.strip() for cell in row)]
     if not rows or [c.strip() for c in rows[0]] != CSV_HEADER:
-        raise UserError(
-            f"data.root={root}: {path.name} must start with the header "
-            f"'{','.join(CSV_HEADER)}' (Ravi & Larochelle's format)"
+        raise InvalidArgument(
+            "root",
+            root,
+            f"{path.name} must start with the header '{','.join(CSV_HEADER)}' "
+            "(Ravi & Larochelle's format)",
         )
     out = []
     for number, row in enumerate(rows[1:], start=2):
         if len(row) != 2 or not row[0].strip() or not row[1].strip():
-            raise UserError(f"data.root={root}: {path.name} line {number} is not 'filename,label'")
+            raise InvalidArgument(
+                "root", root, f"{path.name} line {number} is not 'filename,label'"
+            )
         name, wnid = row[0].strip(), row[1].strip()
         if not (root / "images" / name).is_file():
-            raise UserError(
-                f"data.root={root}: {path.name} line {number} names images/{name}, which is missing"
+            raise InvalidArgument(
+                "root", root, f"{path.name} line {number} names images/{name}, which is missing"
             )
         out.append((name, wnid))
     return out
@@ -242,12 +247,11 @@ def decode(
         (sorted, one per row of the tensor).
 
     Raises:
-        UserError: as ``load_miniimagenet``.
+        InvalidArgument: as ``load_miniimagenet``; a ``layout`` not in ``LAYOUTS``.
     """
     root = Path(root)
     layout = detect_layout(root) if layout is None else layout
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout {layout!r}: choose from {LAYOUTS}")
+    choose("layout", layout, LAYOUTS)
     splits, classes = {}, {}
     for split in SPLITS:
         if layout == "pickle":
@@ -260,7 +264,7 @@ def decode(
             else:
                 groups = _folder_files(root, split)
             if not groups:
-                raise UserError(f"data.root={root}: the {split} split ({layout} layout) is empty")
+                raise InvalidArgument("root", root, f"the {split} split ({layout} layout) is empty")
             wnids = sorted(groups)
             counts = _equalize(split, {w: len(groups[w]) for w in wnids})
             images = np.empty((len(wnids), counts, 3, image_size, image_size), np.uint8)
@@ -297,7 +301,7 @@ def _read_image(path: Path, image_size: int, root: Path) -> np.ndarray:
         with Image.open(path) as im:
             return _to_chw(im, image_size)
     except OSError as e:
-        raise UserError(f"data.root={root}: cannot read image {path} ({e})") from None
+        raise InvalidArgument("root", root, f"cannot read image {path} ({e})") from None
 
 
 def _to_chw(im: PILImage, image_size: int) -> np.ndarray:
@@ -333,13 +337,15 @@ def _decode_pickle(root: Path, split: str, image_size: int) -> tuple[np.ndarray,
             if any(not 0 <= i < len(data) for i in indices):
                 raise ValueError(f"class {wnid} indexes past the {len(data)} images")
     except Exception as e:  # a pickle of any other shape
-        raise UserError(
-            f"data.root={root}: {path.name} is not a miniImageNet cache (a dict with uint8 "
-            f"image_data [N, 84, 84, 3] and class_dict {{wnid: [indices]}}): {e}"
+        raise InvalidArgument(
+            "root",
+            root,
+            f"{path.name} is not a miniImageNet cache (a dict with uint8 image_data "
+            f"[N, 84, 84, 3] and class_dict {{wnid: [indices]}}): {e}",
         ) from None
     class_dict = {w: sorted(ix) for w, ix in class_dict.items() if ix}
     if not class_dict:
-        raise UserError(f"data.root={root}: the {split} split (pickle layout) is empty")
+        raise InvalidArgument("root", root, f"the {split} split (pickle layout) is empty")
     wnids = sorted(class_dict)
     counts = _equalize(split, {w: len(class_dict[w]) for w in wnids})
     index = np.array([class_dict[w][:counts] for w in wnids], dtype=np.int64)

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from maml_runner.data import archives
-from maml_runner.errors import UserError
+from maml_runner.errors import InvalidArgument, UserError, choose, positive_int, require
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +122,13 @@ def load_omniglot(
         md5s: expected md5 of each archive when no SHA256SUMS entry applies.
 
     Raises:
-        UserError: an archive is missing (and ``download`` is off), fails its checksum, or does
-            not have the Omniglot layout; a bad ``image_size`` or ``resample``.
+        InvalidArgument: ``image_size`` not an integer >= 1, ``resample`` not in ``RESAMPLE``;
+            ``root``: an archive is missing (and ``download`` is off) or fails its checksum.
+        UserError: a download fails, or an archive does not have the Omniglot layout (the
+            message names the file).
     """
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
-        raise UserError(f"data.image_size={image_size}: must be a positive integer (e.g. 28)")
-    if resample not in RESAMPLE:
-        raise UserError(f"data.resample={resample}: choose {' or '.join(RESAMPLE)}")
+    positive_int("image_size", image_size)
+    choose("resample", resample, RESAMPLE)
     cache_dir = Path(cache_dir).expanduser()
     paths = _find_archives(
         root, cache_dir=cache_dir, download=download, base_url=base_url, md5s=md5s
@@ -155,19 +155,24 @@ def _find_archives(
 ) -> list[Path]:
     names = " and ".join(ARCHIVES)
     unset = root is None or str(root) == ""
-    root = cache_dir / "omniglot" if unset else Path(root).expanduser()
-    paths = [root / name for name in ARCHIVES]
+    folder = cache_dir / "omniglot" if unset else Path(root).expanduser()
+    paths = [folder / name for name in ARCHIVES]
     for path in paths:
         if path.is_file():
             continue
         if not download:
-            where = f"data.root=null (default folder {root})" if unset else f"data.root={root}"
-            raise UserError(
-                f"{where}: {path.name} is missing; set data.root=... to a folder holding {names} "
-                f"(from {OFFICIAL_URL}), or set data.download=true"
+            if unset:
+                missing = f"the default folder {folder} has no {path.name}"
+            else:
+                missing = f"{path.name} is missing"
+            raise InvalidArgument(
+                "root",
+                None if unset else folder,
+                f"{missing}; point root at a folder holding {names} "
+                f"(from {OFFICIAL_URL}), or turn download on",
             )
         url = base_url if base_url.endswith("/") else base_url + "/"
-        log.info("downloading %s to %s", url + path.name, root)
+        log.info("downloading %s to %s", url + path.name, folder)
         archives.download(url + path.name, path, md5=md5s.get(path.name))
     return paths
 
@@ -182,22 +187,30 @@ def _verify(paths: Sequence[Path], md5s: Mapping[str, str]) -> dict[str, str]:
         sha = archives.sha256sum(path)
         if path.name in sums:
             if sha != sums[path.name]:
-                raise UserError(
-                    f"data.root={root}: {path.name} fails its sha256 check against "
-                    f"{CHECKSUM_FILE} (expected {sums[path.name]}, got {sha}); the file is "
-                    "corrupt or not the one listed there"
+                raise InvalidArgument(
+                    "root",
+                    root,
+                    f"{path.name} fails its sha256 check against {CHECKSUM_FILE} (expected "
+                    f"{sums[path.name]}, got {sha}); the file is corrupt or not the one listed "
+                    "there",
                 )
         elif path.name in md5s:
             md5 = archives.md5sum(path)
             if md5 != md5s[path.name].lower():
-                raise UserError(
-                    f"data.root={root}: {path.name} fails the official md5 check (expected "
+                raise InvalidArgument(
+                    "root",
+                    root,
+                    f"{path.name} fails the official md5 check (expected "
                     f"{md5s[path.name].lower()}, got {md5}); replace it with the official archive "
-                    f"(delete it and set data.download=true), or list a rebuilt copy's sha256 in "
-                    f"{CHECKSUM_FILE} beside it"
+                    f"(delete it and turn download on), or list a rebuilt copy's sha256 in "
+                    f"{CHECKSUM_FILE} beside it",
                 )
         else:
-            raise UserError(f"data.root={root}: no checksum known for {path.name}")
+            raise InvalidArgument(
+                "root",
+                root,
+                f"no checksum known for {path.name}; list its sha256 in {CHECKSUM_FILE} beside it",
+            )
         digests[path.name] = sha
     return digests
 
@@ -324,12 +337,24 @@ def paper_split(
 
     Returns:
         ``{"train", "val", "test"}``: LongTensors of character indices (in shuffled order).
+
+    Raises:
+        InvalidArgument: unless ``0 <= num_val <= num_train <= num_chars`` (integers).
     """
-    if not 0 <= num_val <= num_train <= num_chars:
-        raise UserError(
-            f"data.num_train={num_train}, data.num_val={num_val}: need "
-            f"0 <= num_val <= num_train <= {num_chars} characters"
-        )
+    positive_int("num_train", num_train, minimum=0)
+    require(
+        num_train <= num_chars,
+        "num_train",
+        num_train,
+        f"there are {num_chars} characters; choose num_train <= {num_chars}",
+    )
+    positive_int("num_val", num_val, minimum=0)
+    require(
+        num_val <= num_train,
+        "num_val",
+        num_val,
+        f"validation characters come out of num_train ({num_train}); choose num_val <= {num_train}",
+    )
     order = list(range(num_chars))
     random.Random(seed).shuffle(order)
     perm = torch.tensor(order, dtype=torch.long)
@@ -353,24 +378,30 @@ def background_split(
 
     Returns:
         ``{"train", "val", "test"}``: ascending LongTensors of character indices.
+
+    Raises:
+        InvalidArgument: ``val_alphabets`` is a count outside ``0..alphabets - 1`` or names an
+            alphabet that is not a background one.
     """
     background = data.background.tolist()
     names = sorted({a for a, b in zip(data.alphabets, background) if b})
     if isinstance(val_alphabets, int):
-        if not 0 <= val_alphabets < len(names):
-            raise UserError(
-                f"data.val_alphabets={val_alphabets}: must be 0 to {len(names) - 1} "
-                f"(there are {len(names)} background alphabets)"
-            )
+        require(
+            0 <= val_alphabets < len(names),
+            "val_alphabets",
+            val_alphabets,
+            f"must be 0 to {len(names) - 1} (there are {len(names)} background alphabets)",
+        )
         held = set(names[len(names) - val_alphabets :])
     else:
         held = set(val_alphabets)
         unknown = sorted(held - set(names))
-        if unknown:
-            raise UserError(
-                f"data.val_alphabets={list(val_alphabets)}: {unknown} not background alphabets; "
-                f"choose from {names}"
-            )
+        require(
+            not unknown,
+            "val_alphabets",
+            list(val_alphabets),
+            f"{unknown} are not background alphabets; choose from {names}",
+        )
     split: dict[str, list[int]] = {"train": [], "val": [], "test": []}
     for i, (alphabet, bg) in enumerate(zip(data.alphabets, background)):
         split["test" if not bg else "val" if alphabet in held else "train"].append(i)

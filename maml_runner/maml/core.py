@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from maml_runner.errors import positive_int, require
 from maml_runner.maml.functional import Params, batched_forward
 from maml_runner.tasks.batch import TaskBatch
 from maml_runner.tasks.losses import TaskLoss
@@ -62,6 +63,12 @@ def adapt(
     return params
 
 
+def check_inner(inner_lr: float, inner_steps: int) -> None:
+    """Refuse a negative step size or a step count that is not an integer >= 0."""
+    require(inner_lr >= 0, "inner_lr", inner_lr, "the inner step size must be >= 0")
+    positive_int("inner_steps", inner_steps, minimum=0)
+
+
 def per_task(params: Params, num_tasks: int) -> Params:
     """View shared weights θ as ``[T, *shape]`` without copying; their gradients are per task."""
     return {n: p.unsqueeze(0).expand(num_tasks, *p.shape) for n, p in params.items()}
@@ -76,6 +83,9 @@ class MAML:
         inner_lr: α, the inner step size.
         inner_steps: gradient steps on the support set during meta-training.
         first_order: drop the second-order term (FOMAML, paper §5.2).
+
+    Raises:
+        InvalidArgument: ``inner_lr`` < 0 or ``inner_steps`` not an integer >= 0.
     """
 
     def __init__(
@@ -87,6 +97,7 @@ class MAML:
         inner_steps: int,
         first_order: bool = False,
     ) -> None:
+        check_inner(inner_lr, inner_steps)
         self.model, self.task_loss = model, task_loss
         self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
 

@@ -14,6 +14,8 @@ import math
 
 from torch import nn
 
+from maml_runner.errors import choose, positive_int
+
 DOWNSAMPLE = ("stride", "max_pool")
 HEADS = ("mean", "flatten")
 
@@ -30,6 +32,10 @@ class Conv4(nn.Sequential):
         downsample: ``stride`` (stride-2 convs) or ``max_pool`` (2×2 max-pooling).
         head: ``mean`` (average over space) or ``flatten`` before the linear layer.
 
+    Raises:
+        InvalidArgument: a size that is not an integer >= 1, an unknown ``downsample`` or
+            ``head``.
+
     Batch norm keeps no running statistics: every task is normalised with its own batch
     statistics, in training and at test (transductive, as the paper's code).
     """
@@ -44,6 +50,16 @@ class Conv4(nn.Sequential):
         downsample: str = "stride",
         head: str = "mean",
     ) -> None:
+        for name, value in (
+            ("in_channels", in_channels),
+            ("image_size", image_size),
+            ("num_classes", num_classes),
+            ("filters", filters),
+            ("blocks", blocks),
+        ):
+            positive_int(name, value)
+        choose("downsample", downsample, DOWNSAMPLE)
+        choose("head", head, HEADS)
         layers: list[nn.Module] = []
         channels, size = in_channels, image_size
         for _ in range(blocks):

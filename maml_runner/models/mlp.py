@@ -7,6 +7,8 @@ from collections.abc import Sequence
 
 from torch import nn
 
+from maml_runner.errors import choose, positive_int, require
+
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
 INITS = ("torch", "paper")
 
@@ -23,6 +25,10 @@ class MLP(nn.Sequential):
             truncated at 2σ, biases zero: the reference code's initialisation).
         batch_norm: batch norm (per-task batch statistics) after every hidden linear layer.
         flatten: flatten image inputs ``[..., C, H, W]`` first (``in_features = C*H*W``).
+
+    Raises:
+        InvalidArgument: a size that is not an integer >= 1, an unknown ``activation`` or
+            ``init``.
     """
 
     def __init__(
@@ -35,6 +41,12 @@ class MLP(nn.Sequential):
         batch_norm: bool = False,
         flatten: bool = False,
     ) -> None:
+        positive_int("in_features", in_features)
+        positive_int("out_features", out_features)
+        ok = all(isinstance(h, int) and not isinstance(h, bool) and h >= 1 for h in hidden)
+        require(ok, "hidden", list(hidden), "layer sizes must be integers >= 1")
+        choose("activation", activation, ACTIVATIONS)
+        choose("init", init, INITS)
         sizes = [in_features, *hidden, out_features]
         layers: list[nn.Module] = [nn.Flatten()] if flatten else []
         for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from maml_runner.errors import require
 from maml_runner.maml.functional import Params, batched_forward
 from maml_runner.models.mlp import MLP
 
@@ -26,6 +27,9 @@ class GaussianPolicy(nn.Module):
         hidden: hidden layer sizes of the mean network (paper: ``[100, 100]``).
         activation: one of ``relu``, ``tanh``, ``elu``.
         init_std: initial standard deviation of every action dimension.
+
+    Raises:
+        InvalidArgument: ``init_std`` not > 0; a bad size or ``activation`` (from ``MLP``).
     """
 
     def __init__(
@@ -36,6 +40,7 @@ class GaussianPolicy(nn.Module):
         activation: str = "relu",
         init_std: float = 1.0,
     ) -> None:
+        require(init_std > 0, "init_std", init_std, "the initial standard deviation must be > 0")
         super().__init__()
         self.mean = MLP(obs_dim, act_dim, hidden=hidden, activation=activation)
         self.log_std = nn.Parameter(torch.full((act_dim,), math.log(init_std)))

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from maml_runner.errors import choose, positive_int, require
+
 NAV_REWARDS = ("distance", "squared_distance")
 GOALS = ("direction", "velocity")
 FORWARD = "reward_forward"  # gymnasium's forward term, which the task reward replaces
@@ -43,6 +45,10 @@ class VectorEnv(Protocol):
     def close(self) -> None: ...
 
 
+def _check_goal_range(goal_low: float, goal_high: float) -> None:
+    require(goal_high >= goal_low, "goal_high", goal_high, f"must be >= goal_low ({goal_low})")
+
+
 class Nav2D:
     """Point robot on the plane, starting at the origin; the task is an unseen goal position.
 
@@ -50,6 +56,10 @@ class Nav2D:
     the position; an action moves it by ``clip(a, ±action_bound)``; the reward is minus the
     distance to the goal (``reward=distance``, the reference code) or minus its square (the
     paper's text); an episode ends within ``goal_radius`` of the goal.
+
+    Raises:
+        InvalidArgument: ``goal_high < goal_low``, ``action_bound`` or ``goal_radius`` not > 0,
+            or a ``reward`` not in ``NAV_REWARDS``.
     """
 
     obs_dim, act_dim, task_dim = 2, 2, 2
@@ -64,8 +74,10 @@ class Nav2D:
         goal_radius: float = 0.01,
         reward: str = "distance",
     ) -> None:
-        if reward not in NAV_REWARDS:
-            raise ValueError(f"reward={reward}: choose one of {', '.join(NAV_REWARDS)}")
+        _check_goal_range(goal_low, goal_high)
+        require(action_bound > 0, "action_bound", action_bound, "the action clip must be > 0")
+        require(goal_radius > 0, "goal_radius", goal_radius, "the goal's radius must be > 0")
+        choose("reward", reward, NAV_REWARDS)
         self.goal_low, self.goal_high = goal_low, goal_high
         self.action_bound, self.goal_radius, self.reward = action_bound, goal_radius, reward
         self._pos = self._goal = torch.empty(0, 2)
@@ -156,6 +168,11 @@ class Locomotion:
     To either the environment's own other terms are added (control cost; for the ant, contact
     cost and survival bonus), with weights from ``env_kwargs``. Actions are clipped to the action
     space. Episodes are split over ``workers`` processes (1: in this process).
+
+    Raises:
+        InvalidArgument: a ``goal`` not in ``GOALS``, ``goal_high < goal_low``, or ``workers``
+            not an integer >= 1 (checked before any environment is made).
+        ImportError: gymnasium is not installed.
     """
 
     task_dim = 1
@@ -171,8 +188,9 @@ class Locomotion:
         env_kwargs: dict | None = None,
         workers: int = 1,
     ) -> None:
-        if goal not in GOALS:
-            raise ValueError(f"goal={goal}: choose one of {', '.join(GOALS)}")
+        choose("goal", goal, GOALS)
+        _check_goal_range(goal_low, goal_high)
+        positive_int("workers", workers)
         self.env_id, self.goal, self.goal_low, self.goal_high = env_id, goal, goal_low, goal_high
         self.kwargs = dict(env_kwargs or {})
         probe = _make_envs(env_id, self.kwargs, 1)[0]

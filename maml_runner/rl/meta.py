@@ -22,8 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from maml_runner.errors import positive_int, require
 from maml_runner.maml import per_task
-from maml_runner.maml.core import inner_update
+from maml_runner.maml.core import check_inner, inner_update
 from maml_runner.maml.functional import Params
 from maml_runner.models.policy import GaussianPolicy, kl_divergence, log_prob
 from maml_runner.rl.envs import VectorEnv
@@ -57,6 +58,11 @@ class MetaRL:
     It samples episodes, adapts with policy-gradient steps and builds TRPO's objective; the
     tasks come from an ``RLTaskStream`` and the update is ``trpo_step`` (learner, stream,
     update: the same three parts as a supervised run).
+
+    Raises:
+        InvalidArgument: ``inner_lr`` < 0, ``inner_steps`` not an integer >= 0,
+            ``episodes_per_task`` or ``horizon`` not an integer >= 1, or ``discount``
+            outside (0, 1].
     """
 
     def __init__(
@@ -72,6 +78,10 @@ class MetaRL:
         discount: float,
         normalize_advantages: bool,
     ) -> None:
+        check_inner(inner_lr, inner_steps)
+        positive_int("episodes_per_task", episodes_per_task)
+        positive_int("horizon", horizon)
+        require(0 < discount <= 1, "discount", discount, "need 0 < discount <= 1")
         self.env, self.policy = env, policy
         self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
         self.episodes_per_task, self.horizon = episodes_per_task, horizon
@@ -187,6 +197,7 @@ class RLTaskStream:
     """
 
     def __init__(self, env: VectorEnv, *, meta_batch_size: int, seed: int) -> None:
+        positive_int("meta_batch_size", meta_batch_size)
         self.env, self.meta_batch_size, self.seed = env, meta_batch_size, seed
 
     def batch(self, step: int) -> tuple[Tensor, torch.Generator]:

@@ -19,6 +19,8 @@ from torch import Tensor
 from torch.nn.utils import parameters_to_vector as flat
 from torch.nn.utils import vector_to_parameters
 
+from maml_runner.errors import positive_int, require
+
 Objective = Callable[[bool], tuple[Tensor, Tensor]]
 
 
@@ -50,6 +52,10 @@ class TRPO:
         cg_damping: λ added to the Fisher matrix (``F + λI``) for a well-posed solve.
         backtrack_ratio: the step shrinks by this factor per rejected line-search try.
         max_backtracks: line-search tries before the step is abandoned.
+
+    Raises:
+        InvalidArgument: ``max_kl`` not > 0, ``cg_iters`` or ``max_backtracks`` not an integer
+            >= 1, ``cg_damping`` < 0, or ``backtrack_ratio`` outside (0, 1).
     """
 
     def __init__(
@@ -62,6 +68,16 @@ class TRPO:
         backtrack_ratio: float = 0.8,
         max_backtracks: int = 15,
     ) -> None:
+        require(max_kl > 0, "max_kl", max_kl, "the KL bound must be > 0")
+        positive_int("cg_iters", cg_iters)
+        require(cg_damping >= 0, "cg_damping", cg_damping, "the damping must be >= 0")
+        require(
+            0 < backtrack_ratio < 1,
+            "backtrack_ratio",
+            backtrack_ratio,
+            "need 0 < backtrack_ratio < 1 (the step must shrink)",
+        )
+        positive_int("max_backtracks", max_backtracks)
         self.params = list(params)
         self.max_kl, self.cg_iters, self.cg_damping = max_kl, cg_iters, cg_damping
         self.backtrack_ratio, self.max_backtracks = backtrack_ratio, max_backtracks

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from maml_runner.errors import positive_int
 from maml_runner.tasks.batch import TaskBatch
 from maml_runner.tasks.losses import TaskLoss
 
@@ -67,7 +68,12 @@ def stream_seed(seed: int, chunk: int) -> int:
 
 
 class TaskStream:
-    """Meta-training batches: ``stream.batch(step)`` is the same for the same seed and step."""
+    """Meta-training batches: ``stream.batch(step)`` is the same for the same seed and step.
+
+    Raises:
+        InvalidArgument: ``meta_batch_size``, ``k_shot``, ``query_size`` or ``chunk`` is not an
+            integer >= 1.
+    """
 
     def __init__(
         self,
@@ -80,6 +86,13 @@ class TaskStream:
         device: torch.device,
         chunk: int = 100,
     ) -> None:
+        for name, value in (
+            ("meta_batch_size", meta_batch_size),
+            ("k_shot", k_shot),
+            ("query_size", query_size),
+            ("chunk", chunk),
+        ):
+            positive_int(name, value)
         self.family, self.meta_batch_size = family, meta_batch_size
         self.k_shot, self.query_size = k_shot, query_size
         self.seed, self.device, self.chunk = seed, device, chunk
@@ -107,6 +120,10 @@ class FixedTasks:
     Tasks are drawn in chunks of ``chunk`` tasks, chunk ``i`` from a generator seeded by
     ``(seed, i)``, so the set depends on ``(seed, chunk)`` only. Small sets (regression) are
     kept in memory; large ones (images) are redrawn, identically, each time they are used.
+
+    Raises:
+        InvalidArgument: ``num_tasks``, ``k_shot``, ``query_size`` or ``chunk`` (when given) is
+            not an integer >= 1.
     """
 
     def __init__(
@@ -121,6 +138,14 @@ class FixedTasks:
         chunk: int | None = None,
         keep: bool = True,
     ) -> None:
+        for name, value in (
+            ("num_tasks", num_tasks),
+            ("k_shot", k_shot),
+            ("query_size", query_size),
+        ):
+            positive_int(name, value)
+        if chunk is not None:
+            positive_int("chunk", chunk)
         self.family, self.num_tasks, self.k_shot, self.query_size = (
             family,
             num_tasks,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from maml_runner.errors import InvalidArgument, positive_int, require
 from maml_runner.tasks.batch import TaskBatch
 from maml_runner.tasks.losses import TaskLoss, classification_loss
 
@@ -30,6 +31,10 @@ class ImageClasses:
         n_way: classes per task (N).
         rotations: show each class of a task rotated by a random multiple of 90°.
         name: for messages (``omniglot/train``).
+
+    Raises:
+        InvalidArgument: ``images`` not ``[classes, examples, C, H, W]``, ``n_way`` not an
+            integer in 1..classes, or ``rotations`` of images that are not square.
     """
 
     images: torch.Tensor
@@ -38,12 +43,27 @@ class ImageClasses:
     name: str = "images"
 
     def __post_init__(self) -> None:
-        num_classes, num_examples = self.images.shape[:2]
-        if self.n_way > num_classes:
-            raise ValueError(
-                f"n_way={self.n_way} but {self.name} has {num_classes} classes; "
-                f"choose n_way <= {num_classes}"
-            )
+        shape = tuple(self.images.shape)
+        require(
+            len(shape) == 5 and shape[0] >= 1 and shape[1] >= 1,
+            "images",
+            f"shape {list(shape)}",
+            "need [classes, examples, C, H, W] with at least one class and one example",
+        )
+        positive_int("n_way", self.n_way)
+        num_classes = shape[0]
+        require(
+            self.n_way <= num_classes,
+            "n_way",
+            self.n_way,
+            f"{self.name} has {num_classes} classes; choose n_way <= {num_classes}",
+        )
+        require(
+            not self.rotations or shape[3] == shape[4],
+            "rotations",
+            self.rotations,
+            f"90° rotations need square images, but {self.name}'s are {shape[3]}x{shape[4]}",
+        )
         self.input_shape = tuple(self.images.shape[2:])
         self.output_size = self.n_way
         # [rotation, class, example, C, H, W]: one gather picks class, example and rotation.
@@ -76,10 +96,12 @@ class ImageClasses:
         """Draw tasks: N distinct classes, then K support + ``query_size`` query examples per
         class, all distinct. Shapes: x ``[T, N*K, C, H, W]`` float in [0, 1], y ``[T, N*K]``."""
         per_class = k_shot + query_size
-        if per_class > self.examples_per_class:
-            raise ValueError(
+        if per_class > self.examples_per_class:  # not require(): no message built per call
+            raise InvalidArgument(
+                "k_shot",
+                k_shot,
                 f"k_shot + query_size = {per_class} but {self.name} has "
-                f"{self.examples_per_class} examples per class; choose a smaller sum"
+                f"{self.examples_per_class} examples per class; choose a smaller sum",
             )
         device, n = self.images.device, self.n_way
         uniform = torch.ones(num_tasks, self.num_classes, device=device)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from maml_runner.errors import require
 from maml_runner.tasks.base import TaskPlot
 from maml_runner.tasks.batch import TaskBatch
 from maml_runner.tasks.losses import TaskLoss, regression_loss
@@ -18,7 +19,12 @@ from maml_runner.tasks.losses import TaskLoss, regression_loss
 
 @dataclass(frozen=True)
 class Sinusoid:
-    """The sinusoid task family; ranges default to the paper's."""
+    """The sinusoid task family; ranges default to the paper's.
+
+    Raises:
+        InvalidArgument: an empty or reversed range (``0 <= amplitude_min <= amplitude_max``,
+            ``phase_min <= phase_max``, ``x_min < x_max``).
+    """
 
     amplitude_min: float = 0.1
     amplitude_max: float = 5.0
@@ -39,6 +45,22 @@ class Sinusoid:
     def task_plot(self) -> TaskPlot:
         """The true sine of each task on 200 points of [x_min, x_max] (paper Fig. 2 style)."""
         return TaskPlot(torch.linspace(self.x_min, self.x_max, 200).view(-1, 1), self.curve)
+
+    def __post_init__(self) -> None:
+        require(self.amplitude_min >= 0, "amplitude_min", self.amplitude_min, "must be >= 0")
+        require(
+            self.amplitude_max >= self.amplitude_min,
+            "amplitude_max",
+            self.amplitude_max,
+            f"must be >= amplitude_min ({self.amplitude_min})",
+        )
+        require(
+            self.phase_max >= self.phase_min,
+            "phase_max",
+            self.phase_max,
+            f"must be >= phase_min ({self.phase_min})",
+        )
+        require(self.x_max > self.x_min, "x_max", self.x_max, f"must be > x_min ({self.x_min})")
 
     def sample(
         self, num_tasks: int, generator: torch.Generator, *, k_shot: int, query_size: int
