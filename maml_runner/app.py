@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 
 from maml_runner import checkpoint, config, distributed, report
 from maml_runner.build import build, build_tracker
-from maml_runner.errors import UserError
+from maml_runner.errors import InvalidArgument, UserError
 from maml_runner.job import Job
 from maml_runner.memory import keep_freed_memory
 from maml_runner.paths import conf_dir
@@ -120,7 +120,7 @@ def main(cfg: DictConfig) -> float:
     hc = HydraConfig.get()
     try:
         return run(cfg, Path(hc.runtime.output_dir), multirun=hc.mode == RunMode.MULTIRUN)
-    except UserError as err:
+    except (UserError, InvalidArgument) as err:  # InvalidArgument: a parameter build did not map
         if os.environ.get("MAML_RUNNER_TRACEBACK"):
             raise
         print(f"error: {err}", file=sys.stderr)

@@ -9,6 +9,8 @@ outer optimiser and fixed task sets, and bind every setting a run needs into the
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,13 +22,11 @@ from rich.console import Console
 from torch import nn
 
 from maml_runner import distributed
-from maml_runner.errors import UserError
+from maml_runner.errors import InvalidArgument, UserError
 from maml_runner.job import Job, Report, SupervisedJob
 from maml_runner.maml import MAML, Pretrain, TaskLoss
 from maml_runner.maml.functional import check_supported
 from maml_runner.models import MLP, Conv4
-from maml_runner.models.conv import DOWNSAMPLE, HEADS
-from maml_runner.models.mlp import ACTIVATIONS, INITS
 from maml_runner.tasks import FixedTasks, Sinusoid, TaskStream
 from maml_runner.tasks.base import TaskFamily
 from maml_runner.tasks.classification import ImageClasses
@@ -61,15 +61,34 @@ def _positive(cfg: DictConfig, *keys: str, minimum: int = 1) -> None:
         )
 
 
+@contextmanager
+def _keys(group: str, **keys: str) -> Iterator[None]:
+    """Name a callee's bad parameter by its config key: ``keys[name]``, else ``group.name``.
+
+    Constructors and loaders raise ``InvalidArgument`` naming their own parameter (Hydra's
+    ``instantiate`` wraps it); this turns it into the one-line ``UserError`` for the user.
+    """
+    try:
+        yield
+    except Exception as exc:
+        err = exc if isinstance(exc, InvalidArgument) else exc.__cause__
+        if not isinstance(err, InvalidArgument):
+            raise
+        key = keys.get(err.name, f"{group}.{err.name}")
+        value = "null" if err.value is None else err.value
+        raise UserError(f"{key}={value}: {err.allowed}") from None
+
+
 def _is_rl(cfg: DictConfig) -> bool:
     """RL task families (nav2d, MuJoCo locomotion) carry an ``env``; supervised ones do not."""
     return "env" in cfg.task
 
 
 def _validate_common(cfg: DictConfig) -> None:
-    _positive(cfg, "trainer.meta_batch_size", "trainer.log_every", "trainer.val_tasks")
+    # (keys that a constructor takes are checked there: TaskStream, FixedTasks, MAML, ...)
+    _positive(cfg, "trainer.log_every")
     _positive(cfg, "trainer.steps", "trainer.val_every", "trainer.checkpoint_every", minimum=0)
-    _positive(cfg, "inner.steps", "inner.eval_steps", minimum=0)
+    _positive(cfg, "inner.eval_steps", minimum=0)
     if cfg.trainer.num_threads is not None:
         _positive(cfg, "trainer.num_threads")
     _positive(cfg, "eval.batch_size")
@@ -97,7 +116,6 @@ def _validate_common(cfg: DictConfig) -> None:
             "set trainer.val_every > 0",
         )
     _positive(cfg, "eval.plot_tasks", minimum=0)
-    _require(cfg.inner.lr >= 0, "inner.lr", cfg.inner.lr, "the inner step size must be >= 0")
     bad_steps = [s for s in cfg.eval.report_steps if not 0 <= s <= cfg.inner.eval_steps]
     _require(
         not bad_steps,
@@ -113,12 +131,10 @@ def _validate_common(cfg: DictConfig) -> None:
 
 
 def validate_rl(cfg: DictConfig) -> None:
-    """``validate`` for RL task families: policy model, TRPO outer step, environment knobs."""
-    from maml_runner.rl.envs import GOALS, NAV_REWARDS
-
+    """``validate`` for RL task families: the policy model and TRPO go with them."""
     _validate_common(cfg)
     t = cfg.task
-    _positive(cfg, "task.k_shot", "task.eval_k_shot", "task.horizon", "task.workers")
+    _positive(cfg, "task.eval_k_shot", "trainer.val_tasks")  # (the rest: the constructors)
     _require(
         cfg.model.name == "gaussian_mlp",
         "model",
@@ -131,20 +147,8 @@ def validate_rl(cfg: DictConfig) -> None:
         cfg.outer._target_,
         f"task={t.name} needs outer=trpo (the paper's TRPO meta-step)",
     )
-    _require(0 < t.discount <= 1, "task.discount", t.discount, "need 0 < discount <= 1")
-    _require(cfg.model.init_std > 0, "model.init_std", cfg.model.init_std, "need > 0")
-    _require(cfg.outer.max_kl > 0, "outer.max_kl", cfg.outer.max_kl, "the KL bound must be > 0")
     if t.env == "nav2d":
         _require(t.goal == "position", "task.goal", t.goal, "nav2d tasks are goal positions")
-        _require(
-            t.reward in NAV_REWARDS,
-            "task.reward",
-            t.reward,
-            f"choose one of {', '.join(NAV_REWARDS)}",
-        )
-    else:
-        _require(t.goal in GOALS, "task.goal", t.goal, f"choose one of {', '.join(GOALS)}")
-    _require(t.goal_low <= t.goal_high, "task.goal_low", t.goal_low, f"need <= {t.goal_high}")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -153,7 +157,6 @@ def validate(cfg: DictConfig) -> None:
         return validate_rl(cfg)
     _validate_common(cfg)
     _require(cfg.k >= 1, "k", cfg.k, "K (support examples per task) must be an integer >= 1")
-    _positive(cfg, "task.k_shot", "task.query_size", "task.eval_k_shot", "task.eval_query_size")
     per_pass = cfg.trainer.tasks_per_pass
     _require(
         per_pass == "auto" or (type(per_pass) is int and per_pass >= 1),
@@ -171,48 +174,9 @@ def validate(cfg: DictConfig) -> None:
     _require(
         outer_lr is None or outer_lr >= 0, "outer.lr", outer_lr, "the meta step size must be >= 0"
     )
-    if cfg.task.name == "sinusoid":
-        t = cfg.task
-        _require(
-            0 <= t.amplitude_min <= t.amplitude_max,
-            "task.amplitude_min",
-            t.amplitude_min,
-            f"need 0 <= amplitude_min <= amplitude_max ({t.amplitude_max})",
-        )
-        _require(t.phase_min <= t.phase_max, "task.phase_min", t.phase_min, "need <= phase_max")
-        _require(t.x_min < t.x_max, "task.x_min", t.x_min, f"need < task.x_max ({t.x_max})")
-    if cfg.model.name == "mlp":
-        m = cfg.model
-        _require(
-            m.activation in ACTIVATIONS,
-            "model.activation",
-            m.activation,
-            f"choose one of {', '.join(ACTIVATIONS)}",
-        )
-        _require(m.init in INITS, "model.init", m.init, f"choose one of {', '.join(INITS)}")
-        _require(
-            all(h >= 1 for h in m.hidden),
-            "model.hidden",
-            list(m.hidden),
-            "layer sizes must be >= 1",
-        )
-    if cfg.task.name in ("omniglot", "miniimagenet"):
-        _positive(cfg, "task.image_size")
-        # one class: every prediction right, loss 0, a meaningless accuracy
-        _positive(cfg, "task.n_way", minimum=2)
     if cfg.task.name == "omniglot":
         split = cfg.task.split
         _require(split in SPLITS, "task.split", split, f"choose one of {', '.join(SPLITS)}")
-    if cfg.model.name == "conv4":
-        m = cfg.model
-        _positive(cfg, "model.filters", "model.blocks")
-        _require(
-            m.downsample in DOWNSAMPLE,
-            "model.downsample",
-            m.downsample,
-            f"choose one of {', '.join(DOWNSAMPLE)}",
-        )
-        _require(m.head in HEADS, "model.head", m.head, f"choose one of {', '.join(HEADS)}")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -240,25 +204,27 @@ def build_families(cfg: DictConfig, device: torch.device) -> dict[str, TaskFamil
     """The task family of each split: ``{"train", "val", "test"}``."""
     task = cfg.task
     if task.name == "sinusoid":
-        family = Sinusoid(
-            amplitude_min=task.amplitude_min,
-            amplitude_max=task.amplitude_max,
-            phase_min=task.phase_min,
-            phase_max=task.phase_max,
-            x_min=task.x_min,
-            x_max=task.x_max,
-        )
+        with _keys("task"):
+            family = Sinusoid(
+                amplitude_min=task.amplitude_min,
+                amplitude_max=task.amplitude_max,
+                phase_min=task.phase_min,
+                phase_max=task.phase_max,
+                x_min=task.x_min,
+                x_max=task.x_max,
+            )
         return {"train": family, "val": family, "test": family}
     if task.name == "omniglot":
         from maml_runner.data import omniglot
 
-        data = omniglot.load_omniglot(
-            None if cfg.data.root is None else Path(cfg.data.root).expanduser(),
-            cache_dir=Path(cfg.data.cache_dir).expanduser(),
-            download=cfg.data.download,
-            image_size=task.image_size,
-            resample=task.resample,
-        )
+        with _keys("task", root="data.root", download="data.download"):
+            data = omniglot.load_omniglot(
+                None if cfg.data.root is None else Path(cfg.data.root).expanduser(),
+                cache_dir=Path(cfg.data.cache_dir).expanduser(),
+                download=cfg.data.download,
+                image_size=task.image_size,
+                resample=task.resample,
+            )
         if task.split == "paper":
             splits = omniglot.paper_split(data.num_characters, seed=task.split_seed)
         else:
@@ -277,11 +243,12 @@ def build_families(cfg: DictConfig, device: torch.device) -> dict[str, TaskFamil
         root = cfg.data.root
         if root is None and (cache_dir / "miniimagenet").is_dir():
             root = cache_dir / "miniimagenet"
-        splits = load_miniimagenet(
-            None if root is None else Path(root).expanduser(),
-            cache_dir=cache_dir,
-            image_size=task.image_size,
-        )
+        with _keys("task", root="data.root"):
+            splits = load_miniimagenet(
+                None if root is None else Path(root).expanduser(),
+                cache_dir=cache_dir,
+                image_size=task.image_size,
+            )
         return {
             split: _image_classes(images.to(device), task, False, f"miniimagenet/{split}")
             for split, images in splits.items()
@@ -291,10 +258,8 @@ def build_families(cfg: DictConfig, device: torch.device) -> dict[str, TaskFamil
 
 def _image_classes(images: torch.Tensor, task: DictConfig, rotations: bool, name: str):
     """One split's ``ImageClasses``, refusing N or K+Q that the split cannot supply."""
-    try:
+    with _keys("task"):
         family = ImageClasses(images, task.n_way, rotations, name)
-    except ValueError as err:
-        raise UserError(f"task.n_way={task.n_way}: {err}") from None
     for shot, query in (("k_shot", "query_size"), ("eval_k_shot", "eval_query_size")):
         total = task[shot] + task[query]
         if total > family.examples_per_class:
@@ -306,9 +271,16 @@ def _image_classes(images: torch.Tensor, task: DictConfig, rotations: bool, name
 
 
 def build_model(model: DictConfig, family: TaskFamily) -> nn.Module:
+    with _keys("model"):
+        net = _model(model, family)
+    check_supported(net)
+    return net
+
+
+def _model(model: DictConfig, family: TaskFamily) -> nn.Module:
     shape, outputs = family.input_shape, family.output_size
     if model.name == "mlp":
-        net = MLP(
+        return MLP(
             in_features=math.prod(shape),
             out_features=outputs,
             hidden=list(model.hidden),
@@ -320,7 +292,7 @@ def build_model(model: DictConfig, family: TaskFamily) -> nn.Module:
     elif model.name == "conv4":
         if len(shape) != 3:
             raise UserError(f"model=conv4: needs image tasks, but the task's inputs are {shape}")
-        net = Conv4(
+        return Conv4(
             in_channels=shape[0],
             image_size=shape[1],
             num_classes=outputs,
@@ -329,22 +301,20 @@ def build_model(model: DictConfig, family: TaskFamily) -> nn.Module:
             downsample=model.downsample,
             head=model.head,
         )
-    else:
-        raise UserError(f"model.name={model.name}: choose one of mlp, conv4")
-    check_supported(net)
-    return net
+    raise UserError(f"model.name={model.name}: choose one of mlp, conv4")
 
 
 def build_learner(cfg: DictConfig, model: nn.Module, task_loss: TaskLoss) -> MAML | Pretrain:
     if cfg.algorithm.name == "pretrain":
         return Pretrain(model, task_loss)
-    return MAML(
-        model,
-        task_loss,
-        inner_lr=cfg.inner.lr,
-        inner_steps=cfg.inner.steps,
-        first_order=cfg.inner.first_order,
-    )
+    with _keys("inner", inner_lr="inner.lr", inner_steps="inner.steps"):
+        return MAML(
+            model,
+            task_loss,
+            inner_lr=cfg.inner.lr,
+            inner_steps=cfg.inner.steps,
+            first_order=cfg.inner.first_order,
+        )
 
 
 def build_optimizer(outer: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -436,16 +406,17 @@ def _build_supervised(cfg: DictConfig) -> SupervisedJob:
     learner = build_learner(cfg, model, family.task_loss)
     optimizer = build_optimizer(cfg.outer, model)
     params = dict(model.named_parameters())
-    stream = TaskStream(
-        family,
-        meta_batch_size=cfg.trainer.meta_batch_size,
-        k_shot=cfg.task.k_shot,
-        query_size=cfg.task.query_size,
-        seed=cfg.seed,
-        device=device,
-        # tiny tasks (regression): draw 100 meta-batches per call; images: one at a time
-        chunk=100 if family.small else 1,
-    )
+    with _keys("task", meta_batch_size="trainer.meta_batch_size"):
+        stream = TaskStream(
+            family,
+            meta_batch_size=cfg.trainer.meta_batch_size,
+            k_shot=cfg.task.k_shot,
+            query_size=cfg.task.query_size,
+            seed=cfg.seed,
+            device=device,
+            # tiny tasks (regression): draw 100 meta-batches per call; images: one at a time
+            chunk=100 if family.small else 1,
+        )
     fixed = dict(
         k_shot=cfg.task.eval_k_shot,
         query_size=cfg.task.eval_query_size,
@@ -453,14 +424,17 @@ def _build_supervised(cfg: DictConfig) -> SupervisedJob:
         chunk=cfg.eval.batch_size,
         keep=family.small,
     )
+    fixed_keys = dict(k_shot="task.eval_k_shot", query_size="task.eval_query_size")
     val_tasks = None
     if cfg.trainer.val_every > 0 and distributed.is_lead():  # rank 0 alone validates
-        val_tasks = FixedTasks(
-            families["val"], num_tasks=cfg.trainer.val_tasks, seed=cfg.trainer.val_seed, **fixed
+        with _keys("eval", num_tasks="trainer.val_tasks", chunk="eval.batch_size", **fixed_keys):
+            val_tasks = FixedTasks(
+                families["val"], num_tasks=cfg.trainer.val_tasks, seed=cfg.trainer.val_seed, **fixed
+            )
+    with _keys("eval", chunk="eval.batch_size", **fixed_keys):
+        test_tasks = FixedTasks(
+            families["test"], num_tasks=cfg.eval.num_tasks, seed=cfg.eval.seed, **fixed
         )
-    test_tasks = FixedTasks(
-        families["test"], num_tasks=cfg.eval.num_tasks, seed=cfg.eval.seed, **fixed
-    )
     per_pass = _tasks_per_pass(cfg, model, stream)
     update, stop = gradient_step(learner, params, optimizer, stream, per_pass), None
     if distributed.world_size() > 1:
@@ -504,23 +478,27 @@ def _build_rl(cfg: DictConfig) -> RLJob:
     device = torch.device("cpu")  # rollouts step CPU simulators; the policies are small
     t = cfg.task
     if t.env == "nav2d":
-        env = Nav2D(
-            goal_low=t.goal_low,
-            goal_high=t.goal_high,
-            action_bound=t.action_bound,
-            goal_radius=t.goal_radius,
-            reward=t.reward,
-        )
-    else:
-        try:
-            env = Locomotion(
-                t.env,
-                goal=t.goal,
+        with _keys("task"):
+            env = Nav2D(
                 goal_low=t.goal_low,
                 goal_high=t.goal_high,
-                env_kwargs=OmegaConf.to_container(t.env_kwargs),
-                workers=t.workers,
+                action_bound=t.action_bound,
+                goal_radius=t.goal_radius,
+                reward=t.reward,
             )
+    else:
+        try:
+            with _keys("task"):
+                env = Locomotion(
+                    t.env,
+                    goal=t.goal,
+                    goal_low=t.goal_low,
+                    goal_high=t.goal_high,
+                    env_kwargs=OmegaConf.to_container(t.env_kwargs),
+                    workers=t.workers,
+                )
+        except UserError:
+            raise
         except ImportError as err:
             raise UserError(f"task.env={t.env}: {err}") from None
         except Exception as err:  # gymnasium: unknown id or keyword
@@ -529,27 +507,34 @@ def _build_rl(cfg: DictConfig) -> RLJob:
             raise UserError(f"task.env={t.env} (env_kwargs {kwargs}): {reason}") from None
     try:
         m = cfg.model
-        policy = GaussianPolicy(
-            env.obs_dim,
-            env.act_dim,
-            hidden=list(m.hidden),
-            activation=m.activation,
-            init_std=m.init_std,
-        )
+        with _keys("model"):
+            policy = GaussianPolicy(
+                env.obs_dim,
+                env.act_dim,
+                hidden=list(m.hidden),
+                activation=m.activation,
+                init_std=m.init_std,
+            )
         initial = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-        trpo = hydra.utils.instantiate(cfg.outer, params=list(policy.parameters()))
-        learner = MetaRL(
-            env,
-            policy,
-            inner_lr=cfg.inner.lr,
-            inner_steps=0 if cfg.algorithm.name == "pretrain" else cfg.inner.steps,
-            first_order=cfg.inner.first_order,
-            episodes_per_task=t.k_shot,
-            horizon=t.horizon,
-            discount=t.discount,
-            normalize_advantages=t.normalize_advantages,
+        with _keys("outer"):
+            trpo = hydra.utils.instantiate(cfg.outer, params=list(policy.parameters()))
+        rl_keys = dict(
+            inner_lr="inner.lr", inner_steps="inner.steps", episodes_per_task="task.k_shot"
         )
-        stream = RLTaskStream(env, meta_batch_size=cfg.trainer.meta_batch_size, seed=cfg.seed)
+        with _keys("task", **rl_keys):
+            learner = MetaRL(
+                env,
+                policy,
+                inner_lr=cfg.inner.lr,
+                inner_steps=0 if cfg.algorithm.name == "pretrain" else cfg.inner.steps,
+                first_order=cfg.inner.first_order,
+                episodes_per_task=t.k_shot,
+                horizon=t.horizon,
+                discount=t.discount,
+                normalize_advantages=t.normalize_advantages,
+            )
+        with _keys("trainer"):
+            stream = RLTaskStream(env, meta_batch_size=cfg.trainer.meta_batch_size, seed=cfg.seed)
         val = env.sample_tasks(cfg.trainer.val_tasks, make_generator(cfg.trainer.val_seed, device))
         test = env.sample_tasks(cfg.eval.num_tasks, make_generator(cfg.eval.seed, device))
     except BaseException:
@@ -571,6 +556,7 @@ def _build_rl(cfg: DictConfig) -> RLJob:
         val_tasks=val,
         test_tasks=test,
         inner_lr=cfg.inner.lr,
+        eval_k_shot=t.eval_k_shot,
         eval_steps=cfg.inner.eval_steps,
         halve_lr=t.eval_halve_lr,
         val_seed=cfg.trainer.val_seed,

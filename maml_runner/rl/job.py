@@ -36,6 +36,7 @@ class RLJob(Job):
     val_tasks: Tensor
     test_tasks: Tensor
     inner_lr: float  # α at validation and meta-test
+    eval_k_shot: int  # episodes per task and step at validation and meta-test
     eval_steps: int
     halve_lr: bool  # at meta-test, steps after the first use α/2 (the reference code's test)
     val_seed: int
@@ -56,6 +57,7 @@ class RLJob(Job):
             lr=self.inner_lr,
             halve_lr=self.halve_lr,
             generator=make_generator(seed, torch.device("cpu")),
+            episodes_per_task=self.eval_k_shot,
         )
 
     def _validate(self) -> dict[str, float]:

@@ -88,14 +88,21 @@ class MetaRL:
         self.discount, self.normalize = discount, normalize_advantages
         self.params: Params = dict(policy.named_parameters())
 
-    def sample(self, params: Params, tasks: Tensor, generator: torch.Generator) -> Episodes:
+    def sample(
+        self,
+        params: Params,
+        tasks: Tensor,
+        generator: torch.Generator,
+        episodes_per_task: int | None = None,
+    ) -> Episodes:
+        """Episodes of each task under ``params`` (``episodes_per_task``: K by default)."""
         params = {n: p.detach() for n, p in params.items()}
         episodes = rollout(
             self.env,
             self.policy,
             params,
             tasks,
-            episodes_per_task=self.episodes_per_task,
+            episodes_per_task=episodes_per_task or self.episodes_per_task,
             horizon=self.horizon,
             generator=generator,
         )
@@ -166,17 +173,18 @@ class MetaRL:
         lr: float,
         halve_lr: bool,
         generator: torch.Generator,
+        episodes_per_task: int | None = None,
     ) -> AdaptationResult:
         """Sample, take a policy-gradient step, sample again, ... ``steps`` times from θ.
 
         The paper's test (returns after 0..steps steps) and the sampling half of a
         meta-iteration. With ``halve_lr`` the steps after the first use α/2, as the reference
-        code's tests.
+        code's tests. ``episodes_per_task``: K at meta-test (``task.eval_k_shot``).
         """
         fast = per_task({n: p.detach() for n, p in params.items()}, tasks.shape[0])
         returns, sampled = [], []
         for s in range(steps + 1):
-            episodes = self.sample(fast, tasks, generator)
+            episodes = self.sample(fast, tasks, generator, episodes_per_task)
             returns.append(episodes.returns.mean(1))
             sampled.append(episodes)
             if s < steps:

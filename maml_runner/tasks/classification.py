@@ -50,7 +50,8 @@ class ImageClasses:
             f"shape {list(shape)}",
             "need [classes, examples, C, H, W] with at least one class and one example",
         )
-        positive_int("n_way", self.n_way)
+        # one class: every prediction right, loss 0, a meaningless accuracy
+        positive_int("n_way", self.n_way, minimum=2)
         num_classes = shape[0]
         require(
             self.n_way <= num_classes,
