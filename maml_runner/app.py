@@ -15,7 +15,7 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from maml_runner import checkpoint, config, distributed, report
 from maml_runner.build import build, build_tracker
@@ -43,8 +43,15 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
     with build(cfg) as job:
         resumed = checkpoint.resume(job.resume, job.model, job.optimizer, job.device)
         lead = distributed.is_lead()
-        if resumed.path is not None and lead:
-            console.print(f"resuming from {resumed.path} at step {resumed.step}")
+        if resumed.path is not None:
+            if job.cadence.steps < resumed.step:
+                raise UserError(
+                    f"trainer.steps={job.cadence.steps}: {resumed.path} is at step "
+                    f"{resumed.step}; give trainer.steps >= {resumed.step}"
+                )
+            if lead:
+                record_overrides(cfg, run_dir)
+                console.print(f"resuming from {resumed.path} at step {resumed.step}")
         if distributed.world_size() > 1:
             distributed.broadcast_params(job.params)
         tracker = build_tracker(cfg, run_dir, job.config, resumed.run_id, multirun)
@@ -61,6 +68,18 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
             return selected.objective
         finally:
             tracker.close(exit_code)
+
+
+def record_overrides(cfg: DictConfig, run_dir: Path) -> None:
+    """A resume's Hydra snapshot, written once its checks passed (``cli.own_folder`` turns
+    Hydra's own off), so a refused resume leaves the run folder as it was."""
+    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is not None:
+        return
+    folder = run_dir / ".hydra"
+    folder.mkdir(exist_ok=True)
+    overrides = [o for o in HydraConfig.get().overrides.task if o != "hydra.output_subdir=null"]
+    OmegaConf.save(OmegaConf.create(overrides), folder / "overrides.yaml")
+    OmegaConf.save(cfg, folder / "config.yaml")
 
 
 def _train(job: Job, run_dir: Path, multirun: bool, tracker, resumed) -> FitResult | None:

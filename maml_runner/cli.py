@@ -126,9 +126,14 @@ def resume_overrides(overrides: list[str]) -> list[str]:
     values = [o.split("=", 1)[1] for o in overrides if o.startswith("resume=")]
     if not values or values[-1] in ("", "null"):
         return overrides
+    from maml_runner import checkpoint
+    from maml_runner.errors import UserError
+
     path = Path(values[-1]).expanduser()
-    if not path.exists():
-        fail(f"resume={values[-1]}: no such run folder or checkpoint file")
+    try:
+        checkpoint.resolve(path)  # a run folder with checkpoints/last.pt, or a checkpoint
+    except UserError as err:
+        fail(str(err))
     run_dir = path if path.is_dir() else path.parent.parent
     saved = run_dir / ".hydra" / "overrides.yaml"
     original: list[str] = []
@@ -138,7 +143,8 @@ def resume_overrides(overrides: list[str]) -> list[str]:
         original = [
             o
             for o in OmegaConf.load(saved)
-            if not o.startswith(("resume=", "hydra.run.dir=")) and o not in overrides
+            if not o.startswith(("resume=", "hydra.run.dir=", "hydra.output_subdir="))
+            and o not in overrides
         ]
     extra = (
         []
@@ -146,6 +152,71 @@ def resume_overrides(overrides: list[str]) -> list[str]:
         else [f"hydra.run.dir={run_dir}"]
     )
     return [*original, *overrides, *extra]
+
+
+RUN_MARKS = (".hydra", "metrics.jsonl", "metrics.json", "checkpoints")  # a folder holds a run
+
+
+def _claim(pattern: str) -> str:
+    """A new folder named by the clock (``outputs/DATE/TIME``), created now, so that two runs
+    started in the same second never share one: the second gets ``TIME-1``, and so on."""
+    import datetime
+
+    base = datetime.datetime.now().strftime(pattern)
+    for n in range(1000):
+        name = base if n == 0 else f"{base}-{n}"
+        try:
+            Path(name).mkdir(parents=True)
+            return name
+        except FileExistsError:
+            continue
+    fail(f"hydra.run.dir={base}: 1000 runs started this second; name a folder yourself")
+
+
+def _given(overrides: list[str], key: str) -> str | None:
+    values = [o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")]
+    return values[-1] if values else None
+
+
+def own_folder(overrides: list[str]) -> list[str]:
+    """Give a run (or a sweep) a folder of its own; refuse one that already holds a run.
+
+    A resume (``resume=RUN``) writes into RUN, and Hydra's snapshot is written by the run only
+    once its checks pass (``hydra.output_subdir=null`` here; see ``app.record_overrides``).
+    Hydra's own flags (``--cfg``, ``--info``, ...) print and exit: they are left alone.
+    """
+    flags = [o for o in overrides if o.startswith("-")]
+    if any(f not in ("-m", "--multirun") for f in flags):
+        return overrides
+    resuming = _given(overrides, "resume") not in (None, "", "null")
+    if resuming:
+        return [*overrides, "hydra.output_subdir=null"]
+    multirun = bool(flags) or _multirun_preset(overrides)
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    folder = _given(overrides, key)
+    if folder is None:
+        pattern = "multirun/%Y-%m-%d/%H-%M-%S" if multirun else "outputs/%Y-%m-%d/%H-%M-%S"
+        return [*overrides, f"{key}={_claim(pattern)}"]
+    path = Path(folder).expanduser()
+    held = [m for m in RUN_MARKS if (path / m).exists()]
+    if multirun and path.is_dir() and any(path.iterdir()):
+        held = held or ["jobs"]
+    if held:
+        fail(
+            f"{key}={folder}: already holds a run ({', '.join(held)}); continue it with "
+            f"maml-run resume={folder}, or choose another folder"
+        )
+    return overrides
+
+
+def _multirun_preset(overrides: list[str]) -> bool:
+    """Whether the composed config asks for a multirun itself (``table=...``,
+    ``hparams_search=...`` set ``hydra.mode: MULTIRUN``)."""
+    values = [o.split("=", 1)[1] for o in overrides if "=" in o]
+    if any("," in v and not v.startswith(("[", "{", "'", '"')) for v in values):
+        return True  # a sweep without -m: Hydra itself will say so
+    cfg = compose([o for o in overrides if not o.startswith("-")], hydra=True)
+    return str(cfg.hydra.mode) == "RunMode.MULTIRUN"
 
 
 def torchrun_overrides(overrides: list[str]) -> list[str]:
@@ -177,6 +248,8 @@ def train(ctx: typer.Context) -> None:
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if torchrun:
         overrides = torchrun_overrides(overrides)
+    else:
+        overrides = own_folder(overrides)
     from maml_runner.app import main as hydra_main
 
     sys.argv = ["maml-run", *overrides]
@@ -189,8 +262,11 @@ def train(ctx: typer.Context) -> None:
             distributed.shutdown()
 
 
-def compose(overrides: list[str]):
-    """Compose the config read-only (Compose API), as Hydra would for a run."""
+def compose(overrides: list[str], hydra: bool = False):
+    """Compose the config read-only (Compose API), as Hydra would for a run.
+
+    ``hydra``: keep the ``hydra`` node (for its mode and folders). A bad override is one line.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.errors import HydraException
@@ -200,7 +276,7 @@ def compose(overrides: list[str]):
     check_group_choices(overrides)
     try:
         with initialize_config_dir(str(_conf_dir()), version_base="1.3"):
-            return hydra_compose("config", overrides=overrides)
+            return hydra_compose("config", overrides=overrides, return_hydra_config=hydra)
     except HydraException as exc:
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""
         fail(f"{str(exc).splitlines()[0]}{cause}".replace("\n", " "))
