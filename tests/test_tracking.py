@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 DUMMY_KEY = "0123456789012345678901234567890123456789"
 
 CHILD = """
@@ -46,11 +47,13 @@ def _online(tmp_path: Path, **env: str) -> tuple[subprocess.CompletedProcess[str
     home = tmp_path / "home"
     home.mkdir()
     clean.update(HOME=str(home), WANDB_CONFIG_DIR=str(home / ".config" / "wandb"), **env)
+    clean["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [clean.get("PYTHONPATH")])])
     # wandb's own error reports go to its servers (and stall the exit ~20 s without a network)
     clean["WANDB_ERROR_REPORTING"] = "false"
     done = subprocess.run(
         [sys.executable, "-c", CHILD, str(tmp_path / "run")],
         env=clean,
+        cwd=tmp_path,
         capture_output=True,
         text=True,
         timeout=60,
