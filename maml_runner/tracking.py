@@ -1,7 +1,10 @@
 """Experiment tracking: a JSONL history always, and one Weights & Biases run per job.
 
 The only module that imports ``wandb``. ``mode=offline`` (the default) needs no account and no
-network; ``wandb sync <run folder>/wandb/offline-run-*`` uploads later.
+network; ``wandb sync <run folder>/wandb/offline-run-*`` uploads later. ``mode=online`` without a
+W&B login stops at once with one line; with a login but no reachable server (a TCP connect to the
+configured host, or its proxy, within ``CONNECT_TIMEOUT_S``; then ``wandb.init`` within
+``INIT_TIMEOUT_S``) the run falls back to offline with one warning line and never loses the run.
 """
 
 from __future__ import annotations
@@ -9,11 +12,22 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
+import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
+
+from maml_runner.errors import UserError
 
 HISTORY = "metrics.jsonl"
+# seconds a TCP connect to the W&B host (or its proxy) may take before the run goes offline
+CONNECT_TIMEOUT_S = 3.0
+# seconds wandb.init may take online once the host answered (wandb's default is 90 s);
+# WANDB_INIT_TIMEOUT, when set, wins
+INIT_TIMEOUT_S = 30.0
 
 
 class Tracker:
@@ -44,22 +58,22 @@ class Tracker:
         self._history = open(self.run_dir / HISTORY, "a", buffering=1)
         self._run = None
         if mode != "disabled":
-            import wandb
-
-            os.environ.setdefault("WANDB_SILENT", "true")
-            self._run = wandb.init(
-                project=project,
-                entity=entity,
-                group=group,
-                tags=tags or None,
-                name=name,
-                config=config,
-                dir=str(self.run_dir),
-                mode=mode,
-                id=run_id,
-                resume="allow" if run_id else None,
-                settings=wandb.Settings(console="off", quiet=True),
-            )
+            try:
+                self._run = _start_wandb(
+                    mode,
+                    project=project,
+                    entity=entity,
+                    group=group,
+                    tags=tags or None,
+                    name=name,
+                    config=config,
+                    dir=str(self.run_dir),
+                    id=run_id,
+                    resume="allow" if run_id else None,
+                )
+            except BaseException:
+                self._history.close()
+                raise
 
     @property
     def run_id(self) -> str | None:
@@ -91,9 +105,12 @@ class Tracker:
     def close(self, exit_code: int = 0) -> None:
         """Flush and close; always called (``finally``), also when the job fails."""
         self._history.close()
-        if self._run is not None:
-            self._run.finish(exit_code=exit_code)
-            self._run = None
+        run, self._run = self._run, None
+        if run is not None:
+            try:
+                run.finish(exit_code=exit_code)
+            except Exception as err:  # never mask the job's own error in a ``finally``
+                _warn(f"closing the W&B run in {Path(run.dir).parent} failed: {_one_line(err)}")
 
 
 class NullTracker:
@@ -118,3 +135,81 @@ class NullTracker:
 def _json_number(value: float) -> float | str:
     value = float(value)
     return value if math.isfinite(value) else str(value)
+
+
+_LOGIN = (
+    "run `wandb login` (or set WANDB_API_KEY), "
+    "or use logger.mode=offline (the default) and `wandb sync` later"
+)
+
+
+def _start_wandb(mode: str, **init: Any) -> Any:
+    """``wandb.init`` in ``mode``; online goes offline, with one warning, when the server is away.
+
+    Raises:
+        UserError: ``mode=online`` without a usable W&B login (found without a prompt).
+    """
+    import wandb
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    quiet = {"console": "off", "quiet": True}
+    if mode != "online":
+        return wandb.init(mode=mode, **init, settings=wandb.Settings(**quiet))
+    reason = _unreachable(wandb)
+    if reason is None:
+        timeout = {} if "WANDB_INIT_TIMEOUT" in os.environ else {"init_timeout": INIT_TIMEOUT_S}
+        try:
+            return wandb.init(mode="online", **init, settings=wandb.Settings(**quiet, **timeout))
+        except (wandb.errors.AuthenticationError, wandb.errors.UsageError) as err:
+            raise UserError(
+                f"logger.mode=online: W&B refused the login ({_one_line(err)}); {_LOGIN}"
+            ) from None
+        except Exception as err:  # CommError, timeouts: wandb names no narrower base
+            reason = f"wandb.init failed ({_one_line(err)})"
+    run = wandb.init(mode="offline", **init, settings=wandb.Settings(**quiet))
+    offline = Path(run.dir).parent
+    _warn(
+        f"W&B online is unavailable: {reason}; logging offline to {offline}; "
+        f"upload later with `wandb sync {offline}`"
+    )
+    return run
+
+
+def _unreachable(wandb: Any) -> str | None:
+    """Why the W&B server is out of reach, or ``None``; no login raises ``UserError``.
+
+    The key is looked up without a prompt and without the network (env, ``~/.netrc``, settings);
+    the only connection tried is a TCP connect to the configured base URL's host, or to the proxy
+    that ``HTTPS_PROXY``/``HTTP_PROXY`` name for it, within ``CONNECT_TIMEOUT_S``.
+    """
+    try:
+        logged_in = wandb.login(prompt=False, verify=False)
+    except Exception as err:  # AuthenticationError: a key in a malformed format
+        raise UserError(
+            f"logger.mode=online: the W&B API key is unusable ({_one_line(err)}); {_LOGIN}"
+        ) from None
+    if not logged_in:
+        raise UserError(f"logger.mode=online needs a W&B login: {_LOGIN}")
+    base_url = wandb.setup().settings.base_url
+    url = urlsplit(base_url)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxy = (
+        None if urllib.request.proxy_bypass(host) else urllib.request.getproxies().get(url.scheme)
+    )
+    if proxy:
+        via = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = via.hostname or "", via.port or 80
+    try:
+        socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        return f"cannot reach {host}:{port} for {base_url} ({_one_line(err)})"
+    return None
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
