@@ -18,7 +18,7 @@ from maml_runner.cli import missing_plugin
 from maml_runner.config import GROUP_SCHEMAS, SCHEMAS
 from maml_runner.errors import UserError
 from maml_runner.paths import conf_dir
-from tests.helpers import make_config
+from tests.helpers import make_config, skip_without_omniglot
 
 CONF = conf_dir()
 OPTIONS = [
@@ -92,6 +92,7 @@ def test_option_composes_and_builds(group: str, option: str) -> None:
         cfg = make_config(base + ([f"task={task}"] if task else []))
         assert not OmegaConf.missing_keys(cfg), "keys no YAML sets (their schema says ???)"
         OmegaConf.resolve(cfg)
+        skip_without_omniglot(cfg)
         if is_rl(cfg):
             return _meta_step_rl(cfg)
         try:
@@ -126,6 +127,7 @@ def test_every_task_model_pair_builds_or_says_why_not(task: str, model: str) -> 
         ]
         + [c for c in _companions("task", task) if c.startswith("outer")]
     )
+    skip_without_omniglot(cfg)
     try:
         if is_rl(cfg) and model == "gaussian_mlp":
             return _meta_step_rl(cfg)
