@@ -1,19 +1,24 @@
 """Every option of every config group, and every preset, composes and builds.
 
-Options are found by listing conf/, so a new preset is tested without editing this file.
+Options are found by listing conf/, so a new preset is tested without editing this file. Every
+composed config sets every key (the schemas in maml_runner/config.py hold types only, ``???``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 from maml_runner.build import build
 from maml_runner.cli import missing_plugin
+from maml_runner.config import GROUP_SCHEMAS, SCHEMAS
 from maml_runner.errors import UserError
 from maml_runner.paths import conf_dir
-from tests.helpers import make_config
+from tests.helpers import make_config, skip_without_omniglot
 
 CONF = conf_dir()
 OPTIONS = [
@@ -89,7 +94,9 @@ def test_option_composes_and_builds(group: str, option: str) -> None:
     base += _companions(group, option)
     for task in tasks:
         cfg = make_config(base + ([f"task={task}"] if task else []))
+        assert not OmegaConf.missing_keys(cfg), "keys no YAML sets (their schema says ???)"
         OmegaConf.resolve(cfg)
+        skip_without_omniglot(cfg)
         try:
             return _one_meta_step(cfg)
         except UserError:
@@ -112,6 +119,7 @@ def test_every_task_model_pair_builds_or_says_why_not(task: str, model: str) -> 
         ]
         + [c for c in _companions("task", task) if c.startswith("outer")]
     )
+    skip_without_omniglot(cfg)
     try:
         _one_meta_step(cfg)
     except UserError as err:
@@ -153,3 +161,37 @@ def test_table_sweeps_existing_presets(path) -> None:
     presets = str(table.hydra.sweeper.params.experiment).split(",")
     assert presets and all((CONF / "experiment" / f"{p}.yaml").is_file() for p in presets)
     assert path.read_text().splitlines()[1].startswith(f"# maml-run table={path.stem}")
+    for preset in presets:  # each job of the table, as the multirun composes it
+        job = make_config([f"table={path.stem}", f"experiment={preset}"])
+        assert not OmegaConf.missing_keys(job), f"experiment={preset}: keys no YAML sets"
+
+
+SCHEMA_CLASSES = [*SCHEMAS.values(), *(c for g in GROUP_SCHEMAS.values() for c in g.values())]
+
+
+@pytest.mark.parametrize("schema", SCHEMA_CLASSES, ids=lambda c: c.__name__)
+def test_schemas_hold_types_not_values(schema) -> None:
+    """Values live in conf/ only: a default in a schema would be a second, dead copy."""
+    for f in dataclasses.fields(schema):
+        assert f.default is MISSING and f.default_factory is dataclasses.MISSING, f.name
+
+
+SCHEMA_FILES = [
+    p for p in sorted(CONF.glob("*/*.yaml")) if re.search(r"^  - base\w*$", p.read_text(), re.M)
+]
+
+
+@pytest.mark.parametrize("path", SCHEMA_FILES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_key_has_a_comment(path) -> None:
+    """Each top-level key has a comment right above it, or in the comment above its run of keys
+    when that comment names it (``# amplitude A ~ U[amplitude_min, amplitude_max]``)."""
+    lines = path.read_text().splitlines()
+    for i, line in enumerate(lines):
+        key = re.match(r"^(\w+):", line)
+        if not key or key[1] == "defaults":
+            continue
+        above = i - 1
+        while above >= 0 and re.match(r"^\w+:", lines[above]):
+            above -= 1
+        comment = lines[above] if above >= 0 and lines[above].startswith("#") else ""
+        assert comment and (above == i - 1 or key[1] in comment), f"{key[1]} has no comment"

@@ -31,12 +31,7 @@ from maml_runner.data.omniglot import (
     paper_split,
 )
 from maml_runner.errors import InvalidArgument, UserError
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
-needs_shared = pytest.mark.skipif(
-    not all((SHARED / name).is_file() for name in ARCHIVES),
-    reason=f"the Omniglot zips are not in {SHARED} (see the project's data README)",
-)
+from tests.helpers import HAS_OMNIGLOT, NO_OMNIGLOT, OMNIGLOT, needs_omniglot
 
 
 @pytest.fixture(scope="session")
@@ -47,9 +42,9 @@ def full_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def omniglot(full_cache: Path) -> OmniglotData:
     """The full set at 28 px, decoded once for the whole session."""
-    if not all((SHARED / name).is_file() for name in ARCHIVES):
-        pytest.skip(f"the Omniglot zips are not in {SHARED}")
-    return load_omniglot(SHARED, cache_dir=full_cache)
+    if not HAS_OMNIGLOT:
+        pytest.skip(NO_OMNIGLOT)
+    return load_omniglot(OMNIGLOT, cache_dir=full_cache)
 
 
 # --- a tiny fake Omniglot -------------------------------------------------------------------
@@ -120,7 +115,7 @@ def http_url(fake: tuple[Path, dict[str, str]]):
 # --- the full set ---------------------------------------------------------------------------
 
 
-@needs_shared
+@needs_omniglot
 def test_full_set_counts(omniglot: OmniglotData) -> None:
     assert omniglot.images.shape == (1623, 20, 28, 28)
     assert omniglot.images.dtype == torch.uint8
@@ -141,7 +136,7 @@ def test_full_set_counts(omniglot: OmniglotData) -> None:
     assert omniglot.alphabets[964:] == sorted(omniglot.alphabets[964:])
 
 
-@needs_shared
+@needs_omniglot
 def test_full_set_pixels(omniglot: OmniglotData) -> None:
     x = omniglot.images
     peak = x.flatten(2).amax(-1)
@@ -151,7 +146,7 @@ def test_full_set_pixels(omniglot: OmniglotData) -> None:
     assert (x == 0).float().mean().item() > 0.6  # most of the paper is 0
 
 
-@needs_shared
+@needs_omniglot
 def test_braille_duplicate_quirk(omniglot: OmniglotData) -> None:
     row = omniglot.character_ids.index(192)
     assert omniglot.alphabets[row] == "Braille"
@@ -160,12 +155,12 @@ def test_braille_duplicate_quirk(omniglot: OmniglotData) -> None:
     assert not torch.equal(drawings[2], drawings[3])
 
 
-@needs_shared
+@needs_omniglot
 def test_cache_is_reused(omniglot: OmniglotData, full_cache: Path) -> None:
     files = list(full_cache.glob("omniglot_28px_*.pt"))
     assert len(files) == 1
     start = time.perf_counter()
-    again = load_omniglot(SHARED, cache_dir=full_cache)
+    again = load_omniglot(OMNIGLOT, cache_dir=full_cache)
     assert time.perf_counter() - start < 3.0
     assert torch.equal(again.images, omniglot.images)
     assert torch.equal(again.background, omniglot.background)
@@ -174,14 +169,14 @@ def test_cache_is_reused(omniglot: OmniglotData, full_cache: Path) -> None:
     assert list(full_cache.glob("omniglot_28px_*.pt")) == files
 
 
-@needs_shared
+@needs_omniglot
 def test_checksum_helpers_on_shared() -> None:
-    sums = archives.read_checksum_file(SHARED / "SHA256SUMS")
+    sums = archives.read_checksum_file(OMNIGLOT / "SHA256SUMS")
     assert set(sums) == set(ARCHIVES)
-    md5s = archives.read_checksum_file(SHARED / "MD5SUMS")
+    md5s = archives.read_checksum_file(OMNIGLOT / "MD5SUMS")
     for name in ARCHIVES:
-        assert archives.sha256sum(SHARED / name) == sums[name]
-        assert archives.md5sum(SHARED / name) == md5s[name]
+        assert archives.sha256sum(OMNIGLOT / name) == sums[name]
+        assert archives.md5sum(OMNIGLOT / name) == md5s[name]
 
 
 def test_read_checksum_file_formats(tmp_path: Path) -> None:
@@ -203,16 +198,16 @@ def _flip(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-@needs_shared
+@needs_omniglot
 @pytest.mark.parametrize("with_sums", [True, False])
 def test_corrupt_archive_is_refused(tmp_path: Path, with_sums: bool) -> None:
     root = tmp_path / "root"
     root.mkdir()
-    shutil.copyfile(SHARED / BACKGROUND_ZIP, root / BACKGROUND_ZIP)
+    shutil.copyfile(OMNIGLOT / BACKGROUND_ZIP, root / BACKGROUND_ZIP)
     _flip(root / BACKGROUND_ZIP)
-    (root / EVALUATION_ZIP).symlink_to(SHARED / EVALUATION_ZIP)
+    (root / EVALUATION_ZIP).symlink_to(OMNIGLOT / EVALUATION_ZIP)
     if with_sums:
-        shutil.copyfile(SHARED / "SHA256SUMS", root / "SHA256SUMS")
+        shutil.copyfile(OMNIGLOT / "SHA256SUMS", root / "SHA256SUMS")
     with pytest.raises(InvalidArgument) as err:
         load_omniglot(root, cache_dir=tmp_path / "cache")
     message = str(err.value)
@@ -352,7 +347,7 @@ def test_paper_split() -> None:
         paper_split(num_train=2000)
 
 
-@needs_shared
+@needs_omniglot
 def test_background_split(omniglot: OmniglotData) -> None:
     split = background_split(omniglot)
     sizes = {k: len(v) for k, v in split.items()}
