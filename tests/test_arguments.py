@@ -97,7 +97,7 @@ CASES: list[tuple[str, Callable[[Path], object], str, str]] = [
         "images",
         "need [classes, examples, C, H, W]",
     ),
-    ("classes-n-way-0", lambda _: ImageClasses(images(), n_way=0), "n_way", INTEGER),
+    ("classes-n-way-1", lambda _: ImageClasses(images(), n_way=1), "n_way", "integer >= 2"),
     ("classes-n-way-big", lambda _: ImageClasses(images(), n_way=5), "n_way", "n_way <= 4"),
     (
         "classes-rotations",
