@@ -171,8 +171,12 @@ def validate(cfg: DictConfig) -> None:
         "the Gaussian policy and TRPO are for RL tasks (nav2d, cheetah_dir, ...)",
     )
     outer_lr = cfg.outer.get("lr")  # optional: some torch.optim classes have no lr
+    number = isinstance(outer_lr, (int, float)) and not isinstance(outer_lr, bool)
     _require(
-        outer_lr is None or outer_lr >= 0, "outer.lr", outer_lr, "the meta step size must be >= 0"
+        outer_lr is None or (number and outer_lr >= 0),
+        "outer.lr",
+        outer_lr,
+        "the meta step size must be a number >= 0",
     )
     if cfg.task.name == "omniglot":
         split = cfg.task.split

@@ -178,7 +178,7 @@ def _given(overrides: list[str], key: str) -> str | None:
     return values[-1] if values else None
 
 
-def own_folder(overrides: list[str]) -> list[str]:
+def own_folder(overrides: list[str], cfg) -> list[str]:
     """Give a run (or a sweep) a folder of its own; refuse one that already holds a run.
 
     A resume (``resume=RUN``) writes into RUN, and Hydra's snapshot is written by the run only
@@ -186,12 +186,12 @@ def own_folder(overrides: list[str]) -> list[str]:
     Hydra's own flags (``--cfg``, ``--info``, ...) print and exit: they are left alone.
     """
     flags = [o for o in overrides if o.startswith("-")]
-    if any(f not in ("-m", "--multirun") for f in flags):
+    if cfg is None:  # Hydra's own flags (--cfg, --info, ...): they print and exit
         return overrides
     resuming = _given(overrides, "resume") not in (None, "", "null")
     if resuming:
         return [*overrides, "hydra.output_subdir=null"]
-    multirun = bool(flags) or _multirun_preset(overrides)
+    multirun = bool(flags) or str(cfg.hydra.mode) == "RunMode.MULTIRUN"
     key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     folder = _given(overrides, key)
     if folder is None:
@@ -207,16 +207,6 @@ def own_folder(overrides: list[str]) -> list[str]:
             f"maml-run resume={folder}, or choose another folder"
         )
     return overrides
-
-
-def _multirun_preset(overrides: list[str]) -> bool:
-    """Whether the composed config asks for a multirun itself (``table=...``,
-    ``hparams_search=...`` set ``hydra.mode: MULTIRUN``)."""
-    values = [o.split("=", 1)[1] for o in overrides if "=" in o]
-    if any("," in v and not v.startswith(("[", "{", "'", '"')) for v in values):
-        return True  # a sweep without -m: Hydra itself will say so
-    cfg = compose([o for o in overrides if not o.startswith("-")], hydra=True)
-    return str(cfg.hydra.mode) == "RunMode.MULTIRUN"
 
 
 def torchrun_overrides(overrides: list[str]) -> list[str]:
@@ -244,12 +234,16 @@ def torchrun_overrides(overrides: list[str]) -> list[str]:
 def train(ctx: typer.Context) -> None:
     overrides = list(ctx.args)
     check_group_choices(overrides)
+    flags = [o for o in overrides if o.startswith("-")]
+    cfg = None
+    if all(f in ("-m", "--multirun") for f in flags):  # Hydra's --cfg/--info print and exit
+        cfg = check_overrides(overrides, multirun=bool(flags))
     overrides = resume_overrides(overrides)
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if torchrun:
         overrides = torchrun_overrides(overrides)
     else:
-        overrides = own_folder(overrides)
+        overrides = own_folder(overrides, cfg)
     from maml_runner.app import main as hydra_main
 
     sys.argv = ["maml-run", *overrides]
@@ -278,8 +272,97 @@ def compose(overrides: list[str], hydra: bool = False):
         with initialize_config_dir(str(_conf_dir()), version_base="1.3"):
             return hydra_compose("config", overrides=overrides, return_hydra_config=hydra)
     except HydraException as exc:
+        text = str(exc)
+        unknown = re.search(r"Could not override '([^']+)'|Key '([^']+)' (?:is )?not in", text)
+        if unknown:
+            key = unknown.group(1) or _full_key(text, unknown.group(2))
+            fail(f"{key}: no such config key{_did_you_mean(key)}")
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""
-        fail(f"{str(exc).splitlines()[0]}{cause}".replace("\n", " "))
+        full = f"{text}{cause}"
+        typed = re.search(r"Value '([^']*)' of type '\w+' could not be converted to (\w+)", full)
+        if typed:
+            key = _full_key(full, "?")
+            kind = {"float": "a number", "integer": "an integer"}.get(typed.group(2).lower())
+            fail(f"{key}={typed.group(1)}: must be {kind or typed.group(2)}")
+        fail(f"{text.splitlines()[0]}{cause}".replace("\n", " "))
+
+
+def _full_key(text: str, key: str) -> str:
+    """OmegaConf names the node as ``full_key: trainer.stepz``; fall back to the bare key."""
+    found = re.search(r"full_key: (\S+)", text)
+    return found.group(1) if found else key
+
+
+def known_keys() -> list[str]:
+    """Every key of the default config (dotted) and every config group."""
+    from omegaconf import OmegaConf
+
+    cfg = compose([])
+    keys: list[str] = []
+
+    def walk(node: object, prefix: str) -> None:
+        for name in node:  # type: ignore[attr-defined]
+            key = f"{prefix}{name}"
+            keys.append(key)
+            child = OmegaConf.select(cfg, key, throw_on_missing=False)
+            if OmegaConf.is_dict(child):
+                walk(child, f"{key}.")
+
+    walk(cfg, "")
+    return keys + list(group_options(_conf_dir()))
+
+
+def _did_you_mean(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else "; maml-run config lists the keys"
+
+
+SHORT_KNOBS = {"k": "K, support examples per task", "n_way": "N, classes per task", "seed": "seed"}
+
+
+def check_overrides(overrides: list[str], multirun: bool):
+    """Compose as the run will and refuse what composing lets through; return the config.
+
+    Hydra's own errors become one line (with "did you mean"); ``+key=value`` may only add to
+    an open dict (``task.env_kwargs``, a custom model's arguments), never a typo of a known key
+    or a new top-level key; the short knobs must be integers. In a multirun each simple sweep
+    (``k=5,10``) is checked at its first value.
+    """
+    from omegaconf import OmegaConf
+
+    plain = []
+    for item in overrides:
+        if item.startswith("-"):
+            continue
+        key, _, value = item.partition("=")
+        if multirun and "," in value and "(" not in value and not value.startswith(("[", "{")):
+            item = f"{key}={value.split(',')[0]}"
+        plain.append(item)
+    cfg = compose(plain, hydra=True)
+    groups = set(group_options(_conf_dir()))
+    roots = set(compose([])) | groups
+    for item in plain:
+        key = item.partition("=")[0]
+        if not key.startswith("+") or key.lstrip("+").startswith(("hydra", "~")):
+            continue
+        key = key.lstrip("+")
+        head, _, rest = key.partition(".")
+        parent = key.rsplit(".", 1)[0] if rest else ""
+        if key.split("/")[0] in groups and not rest:
+            continue  # +experiment=..., an option of a group
+        structured = parent and OmegaConf.get_type(OmegaConf.select(cfg, parent)) not in (
+            dict,
+            None,
+        )
+        if head not in roots or structured:
+            fail(f"+{key}: no such config key{_did_you_mean(key)}")
+    for knob, meaning in SHORT_KNOBS.items():
+        value = cfg[knob]
+        if not isinstance(value, int) or isinstance(value, bool):
+            fail(f"{knob}={value}: {meaning} must be an integer")
+    return cfg
 
 
 @app.command("config", help="Print the composed config for the given overrides, resolved.")
@@ -446,6 +529,17 @@ def sweep_results(
 def main() -> None:
     """Console-script entry: bare overrides (or nothing) mean ``train``."""
     args = sys.argv[1:]
+    if args and "=" not in args[0] and not args[0].startswith("-") and args[0] not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(args[0], COMMANDS, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        typer.echo(
+            f"error: {args[0]}: not a command nor a key=value override; {hint}"
+            f"(commands: {', '.join(COMMANDS)})",
+            err=True,
+        )
+        raise SystemExit(2)
     if not args or args[0] not in (*COMMANDS, "-h", "--help"):
         args = ["train", *args]
     app(args=args, prog_name="maml-run")
