@@ -83,7 +83,21 @@ def problem(metrics: object) -> str | None:
                 f"meta_test/{name} has {'/'.join(map(str, sorted(counts)))} values "
                 f"for {len(result.inner_steps)} inner steps"
             )
+    paper = metrics.get("paper")
+    if paper is not None and not _is_paper(paper):
+        return "paper is not a metric, steps and mean (and ci95) with one number per step"
     return None
+
+
+def _is_paper(paper: object) -> bool:
+    """Whether ``paper`` is a paper block: ``metric``, ``steps``, ``mean`` (and ``ci95``) alike."""
+    if not isinstance(paper, dict) or not isinstance(paper.get("metric"), str):
+        return False
+    steps = paper.get("steps")
+    lists = [paper.get("mean"), *([paper["ci95"]] if paper.get("ci95") else [])]
+    return isinstance(steps, list) and all(
+        isinstance(v, list) and len(v) == len(steps) for v in lists
+    )
 
 
 def read_run(path: Path) -> Run | str:
@@ -209,12 +223,9 @@ def paper_cell(paper: dict, step: int) -> str:
 
 
 def table_metric(runs: list[Run]) -> str:
-    """The metric a table of ``runs`` shows: the one their paper numbers use, else the first."""
-    for run in runs:
-        paper = run.metrics.get("paper")
-        if paper and paper.get("metric") in run.result.mean:
-            return paper["metric"]
-    return next(iter(runs[0].result.mean))
+    """The one metric of ``runs`` (a plot's): the first paper's that they have, else the first."""
+    with_paper = [r for r in runs if _paper(r, run_metric(r))]
+    return run_metric((with_paper or runs)[0])
 
 
 def _with_baselines(runs: list[Run]) -> list[Run]:

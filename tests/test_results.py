@@ -197,15 +197,31 @@ def test_a_folder_with_no_valid_run_is_one_line_and_exit_2(tmp_path: Path) -> No
     )
 
 
-def test_a_half_written_result_names_its_key(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "key, value, why",
+    [
+        ("meta_test", {"query_acc": [0.5]}, "meta_test/query_acc has 1/4 values for 4 inner steps"),
+        (
+            "paper",
+            {"metric": "query_acc", "steps": [3], "mean": []},
+            "paper is not a metric, steps and mean (and ci95) with one number per step",
+        ),
+    ],
+)
+def test_a_half_written_result_names_its_key(
+    tmp_path: Path, key: str, value: dict, why: str
+) -> None:
     run = write_run(tmp_path / "run")
     metrics = json.loads((run / "metrics.json").read_text())
-    metrics["meta_test"]["query_acc"]["mean"] = [0.5]
+    if key == "meta_test":
+        metrics["meta_test"]["query_acc"]["mean"] = value["query_acc"]
+    else:
+        metrics[key] = value
     (run / "metrics.json").write_text(json.dumps(metrics))
     code, out, err = table("sweep-results", tmp_path)
     assert code == 2 and out == ""
     assert err.splitlines() == [
-        f"skipped {run / 'metrics.json'}: meta_test/query_acc has 1/4 values for 4 inner steps",
+        f"skipped {run / 'metrics.json'}: {why}",
         f"error: paths={tmp_path}: none of its 1 metrics.json is a finished run's "
         "(see the lines above)",
     ]
