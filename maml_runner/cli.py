@@ -467,20 +467,52 @@ def _evaluate(run: Path, num_tasks, seed, steps, device) -> None:
     console.print(f"wrote {out}")
 
 
-def finished_runs(paths: list[Path]) -> list:
-    """Every run with a metrics.json under ``paths``; none is an error."""
+def finished_runs(paths: list[Path]):
+    """What ``results.collect`` finds under ``paths``: at least one readable run, or exit 2.
+
+    Returns a ``results.Collected``; with no readable run, the skipped files (one line each on
+    stderr) and a one-line error.
+    """
     from maml_runner.results import collect
 
-    runs = collect(paths)
-    if not runs:
-        fail(f"paths={' '.join(map(str, paths))}: no metrics.json found (finished runs write one)")
-    return runs
+    found = collect(paths)
+    if not found.runs:
+        echo_skipped(found)
+        given = " ".join(map(str, paths))
+        if found.skipped:
+            fail(
+                f"paths={given}: none of its {len(found.skipped)} metrics.json is a finished "
+                "run's (see the lines above)"
+            )
+        jobs = f"; {len(found.unfinished)} job folders have none" if found.unfinished else ""
+        fail(f"paths={given}: no metrics.json found (finished runs write one){jobs}")
+    return found
 
 
-def echo_table(text: str, out: Path | None) -> None:
+def echo_skipped(found) -> None:
+    """One line on stderr per metrics.json ``collect`` left out, naming the file and why."""
+    for path, why in found.skipped:
+        typer.echo(f"skipped {path}: {why}", err=True)
+
+
+def echo_table(text: str, out: Path | None, found=None) -> None:
+    """The table on stdout (and into ``out``); then, on stderr, what it leaves out and why."""
+    from maml_runner.results import contents
+
     typer.echo(text)
     if out is not None:
         out.write_text(text + "\n")
+    if found is None:
+        return
+    echo_skipped(found)
+    if found.unfinished:
+        typer.echo(
+            f"no results from {len(found.unfinished)} job(s) without metrics.json "
+            "(diverged, stopped or still running):",
+            err=True,
+        )
+        for job in found.unfinished:
+            typer.echo(f"  {job} ({contents(job)})", err=True)
 
 
 @app.command(help="Turn run or sweep folders into a markdown table (ours beside the paper's).")
@@ -493,8 +525,9 @@ def table(
 ) -> None:
     from maml_runner.results import markdown_table, plot_runs
 
-    runs = finished_runs(paths)
-    echo_table(markdown_table(runs), out)
+    found = finished_runs(paths)
+    runs = found.runs
+    echo_table(markdown_table(runs), out, found)
     if plot is not None:
         plot_runs(runs, plot)
         typer.echo(f"wrote {plot}")
@@ -512,7 +545,8 @@ def sweep_results(
 ) -> None:
     from maml_runner.results import by_setting, setting_rows, settings_markdown, write_csv
 
-    runs = finished_runs(paths)
+    found = finished_runs(paths)
+    runs = found.runs
     missing = [r.folder for r in runs if metric not in r.result.mean]
     if missing:
         fail(
@@ -520,7 +554,7 @@ def sweep_results(
             f"{', '.join(runs[0].result.mean)}"
         )
     rows = setting_rows(by_setting(runs), metric)
-    echo_table(settings_markdown(rows, metric), out)
+    echo_table(settings_markdown(rows, metric), out, found)
     if csv is not None:
         write_csv(rows, csv)
         typer.echo(f"wrote {csv}")

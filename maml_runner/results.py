@@ -5,7 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 
 import torch
@@ -38,21 +39,143 @@ class Run:
         return [str(o) for o in yaml.safe_load(path.read_text()) or []] if path.is_file() else []
 
 
-def collect(paths: list[Path]) -> list[Run]:
-    """Every finished run (a folder holding metrics.json) under ``paths``, sorted by folder."""
+# What every finished run's metrics.json holds (report.metrics writes them all).
+REQUIRED = ("task", "algorithm", "seed", "meta_test", "train")
+REQUIRED_TRAIN = ("steps", "train_time_s", "it_per_s")
+
+
+@dataclass
+class Collected:
+    """What ``collect`` found: the readable runs, the unreadable files and the jobs without one.
+
+    ``skipped`` pairs each metrics.json that was left out with why; ``unfinished`` lists the job
+    folders (those with Hydra's ``.hydra/``) that hold no metrics.json at all (a diverged,
+    stopped or running job: it leaves checkpoints/ or metrics.jsonl, but no metrics.json).
+    """
+
+    runs: list[Run] = field(default_factory=list)
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    unfinished: list[Path] = field(default_factory=list)
+
+
+def problem(metrics: object) -> str | None:
+    """Why ``metrics`` (a parsed metrics.json) is not a finished run's, or None if it is one."""
+    if not isinstance(metrics, dict):
+        return f"not a run's metrics (a JSON {type(metrics).__name__}, not an object)"
+    missing = [key for key in REQUIRED if key not in metrics]
+    if len(missing) == len(REQUIRED):
+        return f"no run in it (none of {', '.join(REQUIRED)})"
+    if missing:
+        return f"no {', '.join(missing)} (a finished run's has {', '.join(REQUIRED)})"
+    train = metrics["train"]
+    if not isinstance(train, dict) or any(key not in train for key in REQUIRED_TRAIN):
+        return f"train has no {' or '.join(REQUIRED_TRAIN)}"
+    try:
+        result = EvalResult.from_dict(metrics["meta_test"])
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        return f"meta_test is not a meta-test result ({type(err).__name__}: {err})"
+    if not result.mean:
+        return "meta_test holds no metric"
+    for name in result.mean:
+        counts = {len(result.mean[name]), len(result.ci95[name])}
+        if counts != {len(result.inner_steps)}:
+            return (
+                f"meta_test/{name} has {'/'.join(map(str, sorted(counts)))} values "
+                f"for {len(result.inner_steps)} inner steps"
+            )
+    paper = metrics.get("paper")
+    if paper is not None and not _is_paper(paper):
+        return "paper is not a metric, steps and mean (and ci95) with one number per step"
+    return None
+
+
+def _is_paper(paper: object) -> bool:
+    """Whether ``paper`` is a paper block: ``metric``, ``steps``, ``mean`` (and ``ci95``) alike."""
+    if not isinstance(paper, dict) or not isinstance(paper.get("metric"), str):
+        return False
+    steps = paper.get("steps")
+    lists = [paper.get("mean"), *([paper["ci95"]] if paper.get("ci95") else [])]
+    return isinstance(steps, list) and all(
+        isinstance(v, list) and len(v) == len(steps) for v in lists
+    )
+
+
+def read_run(path: Path) -> Run | str:
+    """The run whose metrics.json is ``path``, or why it cannot be one (a short phrase)."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        return "not JSON (not UTF-8 text)"
+    except OSError as err:
+        return f"unreadable ({err.strerror})"
+    if not text.strip():
+        return "empty"
+    try:
+        metrics = json.loads(text)
+    except json.JSONDecodeError as err:
+        return f"not JSON ({err.msg}: line {err.lineno} column {err.colno})"
+    why = problem(metrics)
+    return Run(path.parent, metrics) if why is None else why
+
+
+def collect(paths: list[Path]) -> Collected:
+    """Every finished run (a folder holding metrics.json) under ``paths``, sorted by folder.
+
+    An unreadable metrics.json is skipped, with why; a job folder (``.hydra/``) without one is
+    listed as unfinished.
+    """
     files: list[Path] = []
+    jobs: list[Path] = []
     for path in paths:
         if path.is_file():
             files.append(path)
         elif path.is_dir():
             files.extend(sorted(path.rglob(METRICS)))
-    return [Run(f.parent, json.loads(f.read_text())) for f in files]
+            jobs.extend(sorted(h.parent for h in path.rglob(".hydra") if h.is_dir()))
+    found = Collected()
+    for file in files:
+        run = read_run(file)
+        if isinstance(run, Run):
+            found.runs.append(run)
+        else:
+            found.skipped.append((file, run))
+    found.unfinished = [job for job in dict.fromkeys(jobs) if not (job / METRICS).exists()]
+    return found
 
 
-def _steps(runs: list[Run]) -> list[int]:
-    for run in runs:
-        if run.metrics.get("paper"):
-            return list(run.metrics["paper"]["steps"])
+def contents(folder: Path) -> str:
+    """What a job folder holds besides ``.hydra/``, e.g. ``checkpoints/, metrics.jsonl``."""
+    names = [
+        f"{p.name}/" if p.is_dir() else p.name
+        for p in sorted(folder.iterdir())
+        if p.name != ".hydra"
+    ]
+    return ", ".join(names) if names else "nothing but .hydra/"
+
+
+def run_metric(run: Run) -> str:
+    """The metric a table shows for ``run``: its paper's, else its first (query_loss, return)."""
+    paper = run.metrics.get("paper")
+    if paper and paper.get("metric") in run.result.mean:
+        return paper["metric"]
+    return next(iter(run.result.mean))
+
+
+def _paper(run: Run, metric: str) -> dict:
+    """``run``'s paper numbers if they are of ``metric``, else none: no return in an acc column."""
+    paper = run.metrics.get("paper") or {}
+    return paper if paper.get("metric") == metric else {}
+
+
+def _steps(runs: list[Run], metric: str | None = None) -> list[int]:
+    """The inner steps a table reports: every step the papers give (for ``metric``, if named),
+    else 0, 1, 5, 10 (those the runs have)."""
+    papers = [r.metrics.get("paper") or {} for r in runs]
+    if metric is not None:
+        papers = [_paper(r, metric) for r in runs]
+    given = sorted({s for paper in papers for s in paper.get("steps", [])})
+    if given:
+        return given
     longest = max(len(r.result.inner_steps) for r in runs)
     return [s for s in (0, 1, 5, 10) if s < longest]
 
@@ -61,13 +184,48 @@ def _number(value: float) -> str:
     return f"{value:.3f}" if abs(value) < 1000 else f"{value:.2g}"
 
 
+def is_percent(metric: str) -> bool:
+    """Accuracies (``query_acc``) are fractions in metrics.json and printed in %, as papers do."""
+    return metric.endswith("_acc")
+
+
+def ours_cell(mean: float, ci: float, metric: str) -> str:
+    """Our mean ± 95% CI: accuracies in % with 2 decimals, other metrics as ``_number``."""
+    if is_percent(metric):
+        return f"{100 * mean:.2f} ± {100 * ci:.2f}"
+    return f"{_number(mean)} ± {_number(ci)}"
+
+
+def _decimals(value: float) -> int:
+    """Digits after the point in ``value``'s shortest form (0.4870 → 3: YAML keeps no zeros)."""
+    return max(0, -int(Decimal(repr(float(value))).normalize().as_tuple().exponent))
+
+
+def paper_cell(paper: dict, step: int) -> str:
+    """The paper's number at ``step`` as the paper prints it: ``98.7 ± 0.4``, ``48.70 ± 1.84``.
+
+    Accuracies in %; with ``paper.ci95`` the ± part, else the mean alone; ``paper.decimals``
+    (the digits the paper prints) keeps trailing zeros a YAML float drops. Without it, the most
+    digits any of the block's numbers has: never a digit the YAML does not hold.
+    """
+    steps = list(paper.get("steps", []))
+    if step not in steps:
+        return ""
+    scale = 100 if is_percent(paper["metric"]) else 1
+    ci95 = paper.get("ci95") or []
+    decimals = paper.get("decimals")
+    if decimals is None:
+        digits = [_decimals(v) for v in [*paper["mean"], *ci95]]
+        decimals = max(0, max(digits) - (2 if scale == 100 else 0))
+    at = steps.index(step)
+    text = f"{scale * paper['mean'][at]:.{decimals}f}"
+    return f"{text} ± {scale * ci95[at]:.{decimals}f}" if ci95 else text
+
+
 def table_metric(runs: list[Run]) -> str:
-    """The metric a table of ``runs`` shows: the one their paper numbers use, else the first."""
-    for run in runs:
-        paper = run.metrics.get("paper")
-        if paper and paper.get("metric") in run.result.mean:
-            return paper["metric"]
-    return next(iter(runs[0].result.mean))
+    """The one metric of ``runs`` (a plot's): the first paper's that they have, else the first."""
+    with_paper = [r for r in runs if _paper(r, run_metric(r))]
+    return run_metric((with_paper or runs)[0])
 
 
 def _with_baselines(runs: list[Run]) -> list[Run]:
@@ -88,21 +246,41 @@ def _with_baselines(runs: list[Run]) -> list[Run]:
     return rows
 
 
-def markdown_table(runs: list[Run], metric: str | None = None) -> str:
-    """One row per run: metric (mean ± 95% CI) after each reported step, and the paper's value.
+def by_metric(runs: list[Run]) -> dict[str, list[Run]]:
+    """Runs grouped by the metric their table shows (``run_metric``), in order of appearance."""
+    groups: dict[str, list[Run]] = {}
+    for run in runs:
+        groups.setdefault(run_metric(run), []).append(run)
+    return groups
 
-    ``metric`` defaults to ``table_metric(runs)``; RL runs add a row for their random init.
+
+def markdown_table(runs: list[Run], metric: str | None = None) -> str:
+    """Per metric, a table of one row per run: mean ± 95% CI after each step, the paper's value.
+
+    Runs of different metrics (accuracy, loss, return) get a table each, so a column never mixes
+    them; ``metric`` forces one table. RL runs add a row for their random initialisation.
     """
-    metric = metric or table_metric(runs)
+    groups = {metric: runs} if metric else by_metric(runs)
+    tables = [_metric_table(members, name) for name, members in groups.items()]
+    devices = sorted({r.metrics.get("hardware", {}).get("device", "?") for r in runs})
+    tasks = " / ".join(str(n) for n in sorted({r.result.num_tasks for r in runs}))
+    footer = f"Hardware: {', '.join(devices)}. CI: 1.96·σ/√n over {tasks} test tasks."
+    if any(is_percent(name) for name in groups):
+        footer += " Accuracies in %."
+    return "\n\n".join([*tables, footer])
+
+
+def _metric_table(runs: list[Run], metric: str) -> str:
+    """The markdown table of ``runs`` for ``metric`` alone (no footer)."""
     runs = _with_baselines(runs)
-    steps = _steps(runs)
+    steps = _steps(runs, metric)
+    name = f"{metric} (%)" if is_percent(metric) else metric
     head = ["run", "K (test)", "meta-iterations", "train time"]
-    head += [f"{metric} @{s} (ours)" for s in steps] + [f"@{s} (paper)" for s in steps]
+    head += [f"{name} @{s} (ours)" for s in steps] + [f"@{s} (paper)" for s in steps]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
         m, result = run.metrics, run.result
-        paper = m.get("paper") or {}
-        paper_values = dict(zip(paper.get("steps", []), paper.get("mean", [])))
+        paper = _paper(run, metric)
         cells = [
             run.label,
             str(m.get("eval_k_shot", "")),
@@ -111,17 +289,11 @@ def markdown_table(runs: list[Run], metric: str | None = None) -> str:
         ]
         for s in steps:
             if metric in result.mean and s < len(result.inner_steps):
-                mean, ci = result.at(metric, s)
-                cells.append(f"{_number(mean)} ± {_number(ci)}")
+                cells.append(ours_cell(*result.at(metric, s), metric))
             else:
                 cells.append("")
-        cells += [f"{paper_values[s]:.2f}" if s in paper_values else "" for s in steps]
+        cells += [paper_cell(paper, s) if paper else "" for s in steps]
         lines.append("| " + " | ".join(cells) + " |")
-    devices = sorted({r.metrics.get("hardware", {}).get("device", "?") for r in runs})
-    lines.append("")
-    lines.append(
-        f"Hardware: {', '.join(devices)}. CI: 1.96·σ/√n over {runs[0].result.num_tasks} test tasks."
-    )
     return "\n".join(lines)
 
 
@@ -129,7 +301,8 @@ def plot_runs(runs: list[Run], path: Path, metric: str | None = None) -> Path:
     from maml_runner.plots import adaptation_curves
 
     metric = metric or table_metric(runs)
-    curves = {run.label: run.result for run in _with_baselines(runs)}
+    # a run without ``metric`` (an RL run beside classification ones) has no curve to draw
+    curves = {r.label: r.result for r in _with_baselines(runs) if metric in r.result.mean}
     paper = {}
     for run in runs:
         p = run.metrics.get("paper")
