@@ -15,9 +15,9 @@ import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from maml_runner import checkpoint, config, distributed, report
+from maml_runner import checkpoint, config, distributed, report, run_folder
 from maml_runner.build import build, build_tracker
 from maml_runner.errors import InvalidArgument, UserError
 from maml_runner.job import Job
@@ -50,7 +50,7 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
                     f"{resumed.step}; give trainer.steps >= {resumed.step}"
                 )
             if lead:
-                record_overrides(cfg, run_dir)
+                run_folder.record_overrides(cfg, run_dir)
                 console.print(f"resuming from {resumed.path} at step {resumed.step}")
         if distributed.world_size() > 1:
             distributed.broadcast_params(job.params)
@@ -68,18 +68,6 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
             return selected.objective
         finally:
             tracker.close(exit_code)
-
-
-def record_overrides(cfg: DictConfig, run_dir: Path) -> None:
-    """A resume's Hydra snapshot, written once its checks passed (``cli.own_folder`` turns
-    Hydra's own off), so a refused resume leaves the run folder as it was."""
-    if not HydraConfig.initialized() or HydraConfig.get().output_subdir is not None:
-        return
-    folder = run_dir / ".hydra"
-    folder.mkdir(exist_ok=True)
-    overrides = [o for o in HydraConfig.get().overrides.task if o != "hydra.output_subdir=null"]
-    OmegaConf.save(OmegaConf.create(overrides), folder / "overrides.yaml")
-    OmegaConf.save(cfg, folder / "config.yaml")
 
 
 def _train(job: Job, run_dir: Path, multirun: bool, tracker, resumed) -> FitResult | None:
@@ -142,5 +130,6 @@ def main(cfg: DictConfig) -> float:
     except (UserError, InvalidArgument) as err:  # InvalidArgument: a parameter build did not map
         if os.environ.get("MAML_RUNNER_TRACEBACK"):
             raise
+        run_folder.unclaim(Path(hc.runtime.output_dir))
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -154,61 +154,6 @@ def resume_overrides(overrides: list[str]) -> list[str]:
     return [*original, *overrides, *extra]
 
 
-RUN_MARKS = (".hydra", "metrics.jsonl", "metrics.json", "checkpoints")  # a folder holds a run
-
-
-def _claim(pattern: str) -> str:
-    """A new folder named by the clock (``outputs/DATE/TIME``), created now, so that two runs
-    started in the same second never share one: the second gets ``TIME-1``, and so on."""
-    import datetime
-
-    base = datetime.datetime.now().strftime(pattern)
-    for n in range(1000):
-        name = base if n == 0 else f"{base}-{n}"
-        try:
-            Path(name).mkdir(parents=True)
-            return name
-        except FileExistsError:
-            continue
-    fail(f"hydra.run.dir={base}: 1000 runs started this second; name a folder yourself")
-
-
-def _given(overrides: list[str], key: str) -> str | None:
-    values = [o.split("=", 1)[1] for o in overrides if o.startswith(f"{key}=")]
-    return values[-1] if values else None
-
-
-def own_folder(overrides: list[str], cfg) -> list[str]:
-    """Give a run (or a sweep) a folder of its own; refuse one that already holds a run.
-
-    A resume (``resume=RUN``) writes into RUN, and Hydra's snapshot is written by the run only
-    once its checks pass (``hydra.output_subdir=null`` here; see ``app.record_overrides``).
-    Hydra's own flags (``--cfg``, ``--info``, ...) print and exit: they are left alone.
-    """
-    flags = [o for o in overrides if o.startswith("-")]
-    if cfg is None:  # Hydra's own flags (--cfg, --info, ...): they print and exit
-        return overrides
-    resuming = _given(overrides, "resume") not in (None, "", "null")
-    if resuming:
-        return [*overrides, "hydra.output_subdir=null"]
-    multirun = bool(flags) or str(cfg.hydra.mode) == "RunMode.MULTIRUN"
-    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    folder = _given(overrides, key)
-    if folder is None:
-        pattern = "multirun/%Y-%m-%d/%H-%M-%S" if multirun else "outputs/%Y-%m-%d/%H-%M-%S"
-        return [*overrides, f"{key}={_claim(pattern)}"]
-    path = Path(folder).expanduser()
-    held = [m for m in RUN_MARKS if (path / m).exists()]
-    if multirun and path.is_dir() and any(path.iterdir()):
-        held = held or ["jobs"]
-    if held:
-        fail(
-            f"{key}={folder}: already holds a run ({', '.join(held)}); continue it with "
-            f"maml-run resume={folder}, or choose another folder"
-        )
-    return overrides
-
-
 def torchrun_overrides(overrides: list[str]) -> list[str]:
     """Under ``torchrun``: join the process group; every rank writes into rank 0's run folder.
 
@@ -243,7 +188,13 @@ def train(ctx: typer.Context) -> None:
     if torchrun:
         overrides = torchrun_overrides(overrides)
     else:
-        overrides = own_folder(overrides, cfg)
+        from maml_runner.errors import UserError
+        from maml_runner.run_folder import own_folder
+
+        try:
+            overrides = own_folder(overrides, cfg)
+        except UserError as err:
+            fail(str(err))
     from maml_runner.app import main as hydra_main
 
     sys.argv = ["maml-run", *overrides]

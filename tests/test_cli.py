@@ -121,13 +121,27 @@ BAD_INPUTS = [
     ),
     (
         ["task=omniglot", *DATA, "n_way=5000", "k=1"],
-        "task.n_way=5000: n_way=5000 but omniglot/train",
+        "task.n_way=5000: omniglot/train has 1100 classes; choose n_way <= 1100",
     ),
     (
         ["task=omniglot", *DATA, "k=10"],
         "task.k_shot=10: task.k_shot + task.query_size = 25, but omniglot/train has 20 examples",
     ),
     (["model=conv4"], "model=conv4: needs image tasks"),
+    # typos never run another experiment; Hydra's and the short knobs' errors are one line
+    (["tsk=omniglot"], "tsk: no such config key; did you mean task?"),
+    (["+tsk=omniglot"], "+tsk: no such config key; did you mean task?"),
+    (["+trainer.stepz=10"], "+trainer.stepz: no such config key; did you mean trainer.steps?"),
+    (["trainer.stepz=10"], "trainer.stepz: no such config key; did you mean trainer.steps?"),
+    (["k=abc"], "k=abc: K, support examples per task must be an integer"),
+    (["k=1.5"], "k=1.5: K, support examples per task must be an integer"),
+    (["seed=abc"], "seed=abc: seed must be an integer"),
+    (["seed=1.5"], "seed=1.5: seed must be an integer"),
+    (["n_way=abc"], "n_way=abc: N, classes per task must be an integer"),
+    (["outer.lr=abc"], "outer.lr=abc: the meta step size must be a number >= 0"),
+    (["inner.lr=abc"], "inner.lr=abc: must be a number"),
+    (["trainer.meta_batch_size=0"], "trainer.meta_batch_size=0: must be an integer >= 1"),
+    (["k=5,10"], "Ambiguous value for argument 'k=5,10'"),
     (
         ["trainer.tasks_per_pass=0"],
         "trainer.tasks_per_pass=0: give a number of tasks >= 1, or auto",
@@ -155,6 +169,16 @@ def test_bad_input_is_one_line(tmp_path: Path, args: list[str], message: str) ->
     assert message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "outputs").exists()  # no folder
+
+
+def test_a_mistyped_command_is_one_line(tmp_path: Path) -> None:
+    proc = maml_run(["evalute", "RUN"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == (
+        "error: evalute: not a command nor a key=value override; did you mean evaluate? "
+        "(commands: train, config, presets, evaluate, table, sweep-results)"
+    )
 
 
 def test_corrupt_and_mismatched_checkpoints(tmp_path: Path) -> None:
