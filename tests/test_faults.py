@@ -20,7 +20,13 @@ import torch
 from torch import nn
 
 from maml_runner import checkpoint
+from maml_runner.data.miniimagenet import load_miniimagenet
+from maml_runner.data.omniglot import load_omniglot
 from maml_runner.errors import UserError
+from tests.helpers import CACHE, QUICK, maml_run, read_metrics
+from tests.test_omniglot_data import _make_fake
+
+MINI = CACHE / "miniimagenet"  # the small miniImageNet pickles of tests.helpers
 
 
 def _mount(args: list[str], target: Path) -> str | None:
@@ -100,3 +106,116 @@ def test_checkpoint_round_trip_after_the_change(tmp_path: Path) -> None:
     assert state["step"] == 7 and state["config"] == {"k": 1}
     assert set(state["model"]) == {"weight", "bias"} and state["optimizer"]["state"] == {}
     assert sorted(p.name for p in path.parent.iterdir()) == [checkpoint.BEST]
+
+
+# --- (b) a decoded-data cache that cannot be written ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fake_omniglot(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """The tiny Omniglot-like zips of ``test_omniglot_data`` and their md5s."""
+    folder = tmp_path_factory.mktemp("fake_omniglot")
+    return folder, _make_fake(folder)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """An existing, empty folder that even root cannot write: a read-only bind mount."""
+    source, target = tmp_path / "source", tmp_path / "read_only"
+    source.mkdir()
+    why = _mount(["--bind", "-o", "ro", str(source)], target)
+    if why:
+        pytest.skip(why)
+    try:
+        if not os.statvfs(target).f_flag & os.ST_RDONLY:
+            pytest.skip("mount --bind -o ro gave a writable mount here")
+        yield target
+    finally:
+        _umount(target)
+
+
+def _cache_dir(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """A ``data.cache_dir`` that fails for root too, each in its own way."""
+    if kind == "below_a_file":  # NotADirectoryError, no privileges needed
+        (tmp_path / "a_file").write_text("not a folder")
+        return tmp_path / "a_file" / "cache"
+    if kind == "read_only":  # EROFS
+        return request.getfixturevalue("read_only_dir")
+    return request.getfixturevalue("tiny_fs")  # "full": ENOSPC while torch.save writes
+
+
+EXPECTED_REASON = {
+    "below_a_file": "not a directory",
+    "read_only": "read-only file system",
+    "full": "no space left on device",
+}
+
+
+@pytest.mark.parametrize("kind", ["below_a_file", "read_only", "full"])
+def test_unwritable_cache_warns_and_continues(
+    kind: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    fake_omniglot: tuple[Path, dict[str, str]],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    root, md5s = fake_omniglot
+    reference = load_omniglot(root, cache_dir=tmp_path / "good", md5s=md5s)
+    capsys.readouterr()
+    cache_dir = _cache_dir(kind, tmp_path, request)
+    data = load_omniglot(root, cache_dir=cache_dir, md5s=md5s)  # 78 KB of images at 28 px
+    assert torch.equal(data.images, reference.images)
+    assert data.alphabets == reference.alphabets and data.character_ids == reference.character_ids
+    err = capsys.readouterr().err
+    assert err == (
+        f"warning: cannot write the decoded cache to {cache_dir} ({EXPECTED_REASON[kind]}); "
+        "continuing without it\n"
+    )
+    assert not cache_dir.is_dir() or list(cache_dir.iterdir()) == []  # no half-written file
+
+
+def test_unwritable_miniimagenet_cache(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "a_file").write_text("not a folder")
+    cache_dir = tmp_path / "a_file" / "cache"
+    splits = load_miniimagenet(MINI, cache_dir=cache_dir, image_size=16)
+    assert {k: tuple(v.shape) for k, v in splits.items()} == {
+        split: (6, 20, 3, 16, 16) for split in ("train", "val", "test")
+    }
+    assert capsys.readouterr().err.startswith(
+        f"warning: cannot write the decoded cache to {cache_dir} (not a directory)"
+    )
+
+
+def test_run_with_an_unwritable_cache_finishes(tmp_path: Path) -> None:
+    """The whole run: before, the cache write ended it with a traceback after decoding."""
+    (tmp_path / "a_file").write_text("not a folder")
+    cache_dir = tmp_path / "a_file" / "cache"
+    proc = maml_run(
+        [
+            "experiment=finn17_miniimagenet_5w1s",
+            f"data.root={MINI}",
+            f"data.cache_dir={cache_dir}",
+            "task.image_size=16",
+            "model.filters=8",
+            "inner.steps=1",
+            "inner.eval_steps=1",
+            "eval.report_steps=[0,1]",
+            "trainer.num_threads=1",
+            *QUICK,
+            "trainer.steps=2",
+            "trainer.val_every=2",
+            "trainer.val_tasks=2",
+            "trainer.checkpoint_every=2",
+            "eval.num_tasks=2",
+            "eval.batch_size=2",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+    )
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: cannot write the decoded cache to {cache_dir} (not a directory); "
+        "continuing without it"
+    ]
+    assert "Traceback" not in proc.stderr
+    assert read_metrics(tmp_path / "run")["train"]["steps"] == 2

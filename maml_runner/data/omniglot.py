@@ -114,7 +114,8 @@ def load_omniglot(
         root: folder holding ``images_background.zip`` and ``images_evaluation.zip``; ``None``
             means ``cache_dir/omniglot``.
         cache_dir: where ``omniglot_{image_size}px_{key}.pt`` is kept; ``key`` hashes the
-            archives' sha256, ``image_size``, ``resample`` and ``FORMAT``.
+            archives' sha256, ``image_size``, ``resample`` and ``FORMAT``. A folder that cannot
+            be written costs only the cache: one warning line, and the decoded set is returned.
         download: fetch missing archives from ``base_url`` into ``root`` (md5-checked).
         image_size: side of the square images after resizing (105 keeps the originals).
         base_url: folder URL the archive names are appended to (``http(s)://`` or ``file://``).
