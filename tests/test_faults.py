@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 import shutil
 import stat
+import struct
 import subprocess
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +22,9 @@ import torch
 from torch import nn
 
 from maml_runner import checkpoint
+from maml_runner.data import archives
 from maml_runner.data.miniimagenet import load_miniimagenet
-from maml_runner.data.omniglot import load_omniglot
+from maml_runner.data.omniglot import ARCHIVES, BACKGROUND_ZIP, load_omniglot
 from maml_runner.errors import UserError
 from tests.helpers import CACHE, QUICK, maml_run, read_metrics
 from tests.test_omniglot_data import _make_fake
@@ -219,3 +222,82 @@ def test_run_with_an_unwritable_cache_finishes(tmp_path: Path) -> None:
     ]
     assert "Traceback" not in proc.stderr
     assert read_metrics(tmp_path / "run")["train"]["steps"] == 2
+
+
+# --- (c) a corrupt member inside an archive -------------------------------------------------
+
+MEMBER = "images_background/Zeta/character02/0002_07.png"  # one drawing of the fake set
+
+
+def _damage(zip_path: Path, how: str) -> None:
+    """Damage ``MEMBER`` of ``zip_path`` in place, leaving every other member readable."""
+    raw = bytearray(zip_path.read_bytes())
+    with zipfile.ZipFile(zip_path) as zf:
+        info = zf.getinfo(MEMBER)
+    if how == "deflate":  # first byte of the stream: BFINAL=1, BTYPE=11, a reserved block type
+        name_len, extra_len = struct.unpack_from("<HH", raw, info.header_offset + 26)
+        raw[info.header_offset + 30 + name_len + extra_len] = 0xFF
+    elif how == "crc":  # the central directory's CRC-32 (the one zipfile checks) no longer fits
+        entry = raw.rindex(MEMBER.encode()) - 46  # the name follows the 46-byte central header
+        assert raw[entry : entry + 4] == b"PK\x01\x02"
+        struct.pack_into("<I", raw, entry + 16, info.CRC ^ 0xFFFFFFFF)
+    else:  # "png": the member inflates fine but holds no image
+        with zipfile.ZipFile(zip_path) as zf:
+            members = {i.filename: zf.read(i) for i in zf.infolist()}
+        members[MEMBER] = b"\x89PNG but not really" * 10
+        with zipfile.ZipFile(zip_path, "w", zipfile.ZIP_DEFLATED) as zf:
+            for name, data in members.items():
+                zf.writestr(name, data)
+        return
+    zip_path.write_bytes(bytes(raw))
+
+
+def _damaged_copy(tmp_path: Path, source: Path, how: str) -> Path:
+    """A copy of the fake zips with ``MEMBER`` damaged, listed in its own SHA256SUMS."""
+    root = tmp_path / "root"
+    shutil.copytree(source, root)
+    _damage(root / BACKGROUND_ZIP, how)
+    lines = [f"{archives.sha256sum(root / n)}  {n}\n" for n in ARCHIVES]
+    (root / "SHA256SUMS").write_text("".join(lines))
+    return root
+
+
+@pytest.mark.parametrize(
+    ("how", "reason"),
+    [
+        ("deflate", "Error -3 while decompressing data: invalid block type"),
+        ("crc", f"Bad CRC-32 for file '{MEMBER}'"),
+        ("png", "not a PNG image"),
+    ],
+)
+def test_corrupt_member_names_archive_and_member(
+    how: str, reason: str, tmp_path: Path, fake_omniglot: tuple[Path, dict[str, str]]
+) -> None:
+    root = _damaged_copy(tmp_path, fake_omniglot[0], how)
+    with pytest.raises(UserError) as err:
+        load_omniglot(root, cache_dir=tmp_path / "cache")
+    assert str(err.value) == (
+        f"{root / BACKGROUND_ZIP}: member {MEMBER} cannot be decoded ({reason}); the archive is "
+        "damaged: replace it with an intact copy (the official one: delete it and turn download on)"
+    )
+    assert not (tmp_path / "cache").exists()  # nothing cached from a damaged archive
+
+
+def test_run_on_a_corrupt_archive_ends_in_one_line(
+    tmp_path: Path, fake_omniglot: tuple[Path, dict[str, str]]
+) -> None:
+    root = _damaged_copy(tmp_path, fake_omniglot[0], "deflate")
+    proc = maml_run(
+        [
+            "task=omniglot",
+            f"data.root={root}",
+            f"data.cache_dir={tmp_path / 'cache'}",
+            *QUICK,
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=tmp_path,
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith(f"error: {root / BACKGROUND_ZIP}: member {MEMBER} cannot be")
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
