@@ -108,11 +108,8 @@ def _write_error(path: Path, err: OSError) -> UserError:
         todo = f"make {path.parent} writable"
     else:
         todo = "fix that"
-    if path.is_file():
-        kept = f"the previous {path.name} is unchanged: {todo}, then resume from it"
-    else:
-        kept = f"nothing was written: {todo} and run again"
-    return UserError(f"{reason} while writing {path}; {kept}")
+    kept = f"the previous {path.name} is unchanged" if path.is_file() else "nothing was written"
+    return UserError(f"{reason} while writing {path}; {kept}: {todo}")
 
 
 def resolve(resume: str | os.PathLike) -> Path:
@@ -220,15 +217,20 @@ class Checkpointer:
         self._write(BEST, step, best, train_time)
 
     def _write(self, name: str, step: int, best: dict | None, train_time: float) -> None:
-        save(
-            self.folder / name,
-            model=self.model,
-            optimizer=self.optimizer,
-            step=step,
-            config=self.config,
-            best=best,
-            extra={"train_time": train_time, "wandb_run_id": self.run_id},
-        )
+        try:
+            save(
+                self.folder / name,
+                model=self.model,
+                optimizer=self.optimizer,
+                step=step,
+                config=self.config,
+                best=best,
+                extra={"train_time": train_time, "wandb_run_id": self.run_id},
+            )
+        except UserError as err:  # say how to go on: resume from last.pt, or start over
+            run = self.folder.parent
+            then = f"resume={run}" if (self.folder / LAST).is_file() else "run again"
+            raise UserError(f"{err}, then {then}") from None
 
 
 class NullCheckpointer:

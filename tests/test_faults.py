@@ -84,6 +84,28 @@ def test_full_disk_keeps_the_previous_checkpoint(tiny_fs: Path) -> None:
     assert sorted(p.name for p in last.parent.iterdir()) == [checkpoint.LAST]  # no last.pt.tmp
 
 
+def test_checkpointer_says_how_to_go_on(tiny_fs: Path) -> None:
+    def checkpointer(run: Path, width: int) -> checkpoint.Checkpointer:
+        return checkpoint.Checkpointer(run, nn.Linear(width, width), None, {}, None)
+
+    first = tiny_fs / "first"
+    with pytest.raises(UserError) as err:
+        checkpointer(first, 200).save_best(20, {"value": 1.0}, 1.0)  # the first write: too big
+    assert str(err.value) == (
+        f"no space left on device while writing {first}/checkpoints/best.pt; nothing was "
+        "written: free some space, then run again"
+    )
+    run = tiny_fs / "run"
+    checkpointer(run, 4).save(20, None, 1.0)
+    with pytest.raises(UserError) as err:
+        checkpointer(run, 200).save(40, None, 2.0)
+    assert str(err.value).endswith(
+        f"/checkpoints/last.pt; the previous last.pt is unchanged: free some space, then "
+        f"resume={run}"
+    )
+    assert checkpoint.load(run / "checkpoints" / checkpoint.LAST)["step"] == 20
+
+
 def test_full_disk_on_dev_full(tmp_path: Path) -> None:
     """Without mounting: the temporary file is a link to ``/dev/full`` (every write: ENOSPC)."""
     if not Path("/dev/full").exists() or not stat.S_ISCHR(os.stat("/dev/full").st_mode):
@@ -91,13 +113,13 @@ def test_full_disk_on_dev_full(tmp_path: Path) -> None:
     last = tmp_path / checkpoint.LAST
     tmp = last.with_name(last.name + ".tmp")  # the name save writes to before renaming
     tmp.symlink_to("/dev/full")
-    with pytest.raises(UserError, match=r"^no space left on device while writing .*nothing was"):
+    with pytest.raises(UserError, match=r"^no space left .* writing .*; nothing was written: free"):
         _save(last, 4, step=1)
     assert list(tmp_path.iterdir()) == []  # neither last.pt nor the link left behind
     _save(last, 4, step=1)
     before = last.read_bytes()
     tmp.symlink_to("/dev/full")
-    with pytest.raises(UserError, match="the previous last.pt is unchanged: free some space"):
+    with pytest.raises(UserError, match="the previous last.pt is unchanged: free some space$"):
         _save(last, 4, step=2)
     assert last.read_bytes() == before and not tmp.is_symlink()
 
