@@ -1,11 +1,14 @@
 """Checkpoints that resume a run exactly: weights, optimiser, step, best metric, RNG, config.
 
-A checkpoint is one ``torch.save`` file, written atomically (temporary file, then rename), read
-back with ``weights_only=True`` (no pickled code runs on load).
+A checkpoint is one ``torch.save`` file, written atomically (temporary file, flushed to disk, then
+renamed), read back with ``weights_only=True`` (no pickled code runs on load). A write that fails
+(a full disk) leaves the previous checkpoint as it was and no temporary file.
 """
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import random
 from dataclasses import dataclass
@@ -46,8 +49,17 @@ def save(
     best: dict | None = None,
     extra: dict | None = None,
 ) -> Path:
-    """Write a complete, resumable checkpoint to ``path`` atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a complete, resumable checkpoint to ``path`` atomically.
+
+    The state is serialised in memory first and then written with plain file I/O, so a failing
+    write raises ``OSError`` with its errno (``torch.save`` straight to a full disk says only
+    ``unexpected pos 64 vs 0``). The bytes go to ``<path>.tmp``, are flushed to disk and renamed
+    onto ``path``; on any failure the temporary file is removed and ``path`` is untouched.
+
+    Raises:
+        UserError: the file cannot be written (``no space left on device while writing
+            <path>; ...``); the previous ``path``, if any, is unchanged.
+    """
     state = {
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -59,10 +71,45 @@ def save(
         "config": config,
         "extra": extra or {},
     }
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(buffer.getbuffer())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        _remove(tmp)
+        raise _write_error(path, err) from None
+    except BaseException:  # Ctrl-C mid-write: nothing half-written stays behind
+        _remove(tmp)
+        raise
     return path
+
+
+def _remove(tmp: Path) -> None:
+    """Delete ``tmp`` if it is there; a failure to delete is not worth hiding the first error."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def _write_error(path: Path, err: OSError) -> UserError:
+    """The one-line ``UserError`` for a checkpoint that could not be written to ``path``."""
+    reason = err.strerror or str(err) or type(err).__name__
+    reason = reason[:1].lower() + reason[1:]  # "No space left on device" -> "no space left ..."
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        todo = "free some space"
+    elif err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        todo = f"make {path.parent} writable"
+    else:
+        todo = "fix that"
+    kept = f"the previous {path.name} is unchanged" if path.is_file() else "nothing was written"
+    return UserError(f"{reason} while writing {path}; {kept}: {todo}")
 
 
 def resolve(resume: str | os.PathLike) -> Path:
@@ -170,15 +217,20 @@ class Checkpointer:
         self._write(BEST, step, best, train_time)
 
     def _write(self, name: str, step: int, best: dict | None, train_time: float) -> None:
-        save(
-            self.folder / name,
-            model=self.model,
-            optimizer=self.optimizer,
-            step=step,
-            config=self.config,
-            best=best,
-            extra={"train_time": train_time, "wandb_run_id": self.run_id},
-        )
+        try:
+            save(
+                self.folder / name,
+                model=self.model,
+                optimizer=self.optimizer,
+                step=step,
+                config=self.config,
+                best=best,
+                extra={"train_time": train_time, "wandb_run_id": self.run_id},
+            )
+        except UserError as err:  # say how to go on: resume from last.pt, or start over
+            run = self.folder.parent
+            then = f"resume={run}" if (self.folder / LAST).is_file() else "run again"
+            raise UserError(f"{err}, then {then}") from None
 
 
 class NullCheckpointer:

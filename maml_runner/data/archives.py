@@ -84,10 +84,40 @@ def atomic_file(dest: Path) -> Iterator[object]:
         raise
 
 
-def write_cache(path: Path, state: dict, fmt: int) -> None:
-    """``torch.save`` ``state`` (tagged with format ``fmt``) to ``path`` atomically."""
-    with atomic_file(path) as f:
-        torch.save({**state, "format": fmt}, f)
+def write_cache(path: Path, state: dict, fmt: int) -> bool:
+    """``torch.save`` ``state`` (tagged with format ``fmt``) to ``path`` atomically.
+
+    The cache only saves time: a folder that cannot be written (read-only, below a file, full)
+    prints one warning line, leaves nothing half-written, and the caller continues with the data
+    it decoded. Returns whether the cache was written.
+    """
+    try:
+        with atomic_file(path) as f:
+            torch.save({**state, "format": fmt}, f)
+    except (OSError, RuntimeError) as e:  # RuntimeError: torch's writer on a failed write
+        reason = _reason(e, known=path.parent)
+        warn(f"cannot write the decoded cache to {path.parent} ({reason}); continuing without it")
+        return False
+    return True
+
+
+def warn(message: str) -> None:
+    """Print ``warning: message`` as one line on stderr."""
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _reason(err: BaseException, known: Path) -> str:
+    """The errno text of the ``OSError`` behind ``err`` (torch hides it), else its first line;
+    the file the error names is added unless it is ``known`` or in it (the message names it)."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            text = seen.strerror[:1].lower() + seen.strerror[1:]
+            named = seen.filename and known not in (Path(seen.filename), Path(seen.filename).parent)
+            return f"{text}: {seen.filename}" if named else text
+        seen = seen.__cause__ or seen.__context__
+    lines = str(err).splitlines()
+    return lines[0][:160] if lines else type(err).__name__
 
 
 def read_cache(path: Path, fmt: int, parse: Callable[[dict], T], name: str) -> T | None:

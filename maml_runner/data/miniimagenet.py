@@ -82,7 +82,8 @@ def load_miniimagenet(
 
     Args:
         root: folder holding one of the layouts in the module docstring; never downloaded.
-        cache_dir: where ``miniimagenet_{image_size}px_{key}.pt`` is kept.
+        cache_dir: where ``miniimagenet_{image_size}px_{key}.pt`` is kept; a folder that cannot
+            be written costs only the cache (one warning line).
         image_size: side ``S`` of the square RGB images (84 keeps the standard size).
 
     Returns:

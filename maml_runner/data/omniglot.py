@@ -41,6 +41,7 @@ import random
 import re
 import time
 import zipfile
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,7 +115,8 @@ def load_omniglot(
         root: folder holding ``images_background.zip`` and ``images_evaluation.zip``; ``None``
             means ``cache_dir/omniglot``.
         cache_dir: where ``omniglot_{image_size}px_{key}.pt`` is kept; ``key`` hashes the
-            archives' sha256, ``image_size``, ``resample`` and ``FORMAT``.
+            archives' sha256, ``image_size``, ``resample`` and ``FORMAT``. A folder that cannot
+            be written costs only the cache: one warning line, and the decoded set is returned.
         download: fetch missing archives from ``base_url`` into ``root`` (md5-checked).
         image_size: side of the square images after resizing (105 keeps the originals).
         base_url: folder URL the archive names are appended to (``http(s)://`` or ``file://``).
@@ -264,7 +266,8 @@ def decode(
         image_size: output side; ``resample`` as in ``load_omniglot``.
 
     Raises:
-        UserError: an archive is not a readable zip, holds no drawings, or a character does not
+        UserError: an archive is not a readable zip, holds no drawings, has a member that cannot
+            be decoded (the message names the archive and the member), or a character does not
             have exactly 20 drawings of one character id.
     """
     from PIL import Image
@@ -282,12 +285,7 @@ def decode(
                     alphabets.append(alphabet)
                     background.append(split == "images_background")
                     for j, name in enumerate(sorted(members)):
-                        with Image.open(io.BytesIO(zf.read(name))) as im:
-                            if resample == "lanczos":
-                                im = im.convert("L")
-                            if im.size != size:
-                                im = im.resize(size, flt)
-                            out[i, j] = np.asarray(im.convert("L"))
+                        out[i, j] = _drawing(zf, name, path, size, flt, resample == "lanczos")
         except (zipfile.BadZipFile, OSError) as e:
             raise UserError(f"{path}: not a readable Omniglot zip ({e})") from None
         np.subtract(255, out, out=out)  # ink bright: white paper (255) -> 0
@@ -295,6 +293,34 @@ def decode(
     return OmniglotData(
         torch.cat(blocks), alphabets, ids, torch.tensor(background, dtype=torch.bool)
     )
+
+
+def _drawing(
+    zf: zipfile.ZipFile, name: str, path: Path, size: tuple[int, int], flt: int, grey_first: bool
+) -> np.ndarray:
+    """Member ``name`` of the zip at ``path`` as ``uint8 [S, S]`` (paper white, not inverted).
+
+    A member whose deflate stream, CRC or PNG is damaged is a ``UserError`` naming the archive
+    and the member (``zlib.error``, ``BadZipFile``, ``EOFError`` or Pillow's ``OSError``).
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(zf.read(name))) as im:
+            if grey_first:  # lanczos: filter the greyscale image, not the 1-bit one
+                im = im.convert("L")
+            if im.size != size:
+                im = im.resize(size, flt)
+            return np.asarray(im.convert("L"))
+    except (zlib.error, zipfile.BadZipFile, EOFError, OSError, ValueError, SyntaxError) as e:
+        if isinstance(e, UnidentifiedImageError):
+            reason = "not a PNG image"  # its text names only an io.BytesIO object
+        else:
+            reason = " ".join(str(e).split())[:160] or type(e).__name__
+        raise UserError(
+            f"{path}: member {name} cannot be decoded ({reason}); the archive is damaged: "
+            f"replace it with an intact copy (the official one: delete it and turn download on)"
+        ) from None
 
 
 def _characters(zf: zipfile.ZipFile, path: Path) -> dict[tuple[str, str, str], list[str]]:
