@@ -25,7 +25,7 @@ from maml_runner import distributed
 from maml_runner.errors import InvalidArgument, UserError
 from maml_runner.job import Job, Report, SupervisedJob
 from maml_runner.maml import MAML, Pretrain, TaskLoss
-from maml_runner.maml.functional import check_supported
+from maml_runner.maml.engine import engine_for
 from maml_runner.models import MLP, Conv4
 from maml_runner.tasks import FixedTasks, Sinusoid, TaskStream
 from maml_runner.tasks.base import TaskFamily
@@ -271,9 +271,14 @@ def _image_classes(images: torch.Tensor, task: DictConfig, rotations: bool, name
 
 
 def build_model(model: DictConfig, family: TaskFamily) -> nn.Module:
+    """The model of ``model`` for ``family``'s inputs and outputs (any ``nn.Module``).
+
+    Its engine is chosen here, once: the batched layers when they cover every module, else the
+    torch.func path (``maml.engine``); ``engine_for(net).description`` says which and why.
+    """
     with _keys("model"):
         net = _model(model, family)
-    check_supported(net)
+    engine_for(net)
     return net
 
 
@@ -403,6 +408,8 @@ def _build_supervised(cfg: DictConfig) -> SupervisedJob:
     families = build_families(cfg, device)
     family = families["train"]
     model = build_model(cfg.model, family).to(device)
+    if distributed.is_lead():
+        Console().print(engine_for(model).description)
     learner = build_learner(cfg, model, family.task_loss)
     optimizer = build_optimizer(cfg.outer, model)
     params = dict(model.named_parameters())
