@@ -9,6 +9,10 @@ out of a comparison. Second order is also checked against central finite differe
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,12 +20,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from maml_runner.build import build
+from maml_runner.errors import UserError
 from maml_runner.maml import MAML, TaskBatch, per_task
 from maml_runner.maml.engine import BatchedEngine, FuncEngine, engine_for
 from maml_runner.maml.functional import batched_forward, check_supported
 from maml_runner.models import MLP, Conv4
 from maml_runner.tasks.losses import classification_loss, regression_loss
 from maml_runner.trainer import meta_backward
+from tests.helpers import REPO, make_config
 from tests.nets import NormConv, ResidualMLP, SkipSequential
 
 DTYPE = torch.float64
@@ -265,3 +272,84 @@ def test_dropout_differs_per_task_and_repeats_under_the_same_seed() -> None:
     torch.testing.assert_close(engine.forward(params, x), first, rtol=0, atol=0)
     model.eval()
     torch.testing.assert_close(engine.forward(params, x)[0], model(x[0]), rtol=1e-12, atol=0)
+
+
+# ----------------------------------------------------------------------------- by config
+
+
+CUSTOM = ["task=sinusoid", "model=custom", "model._target_=tests.nets.ResidualMLP"]
+SMALL = ["device=cpu", "eval.num_tasks=4", "trainer.val_tasks=4", "trainer.meta_batch_size=3"]
+
+
+def test_custom_model_builds_with_its_kwargs_and_takes_a_meta_step() -> None:
+    cfg = make_config([*CUSTOM, *SMALL, "model.width=12", "model.blocks=3"])
+    with build(cfg) as job:
+        assert isinstance(job.model, ResidualMLP)
+        assert job.model.stem.in_features == 1 and job.model.head.out_features == 1  # the task's
+        assert len(job.model.blocks) == 3 and job.model.stem.out_features == 12
+        assert isinstance(engine_for(job.model), FuncEngine)
+        before = {n: p.detach().clone() for n, p in job.params.items()}
+        loss = job.update(0)
+        assert torch.isfinite(loss)
+        assert any(not torch.equal(before[n], p) for n, p in job.params.items())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model._target_=tests.nope.Net"], r"^model._target_=tests.nope.Net: cannot import it"),
+        (["model._target_=math.pi"], r"^model._target_=math.pi: not an nn.Module class"),
+        (["model._target_=math.sqrt"], r"^model._target_=math.sqrt: cannot build it"),
+        (["model._target_=collections.OrderedDict"], r"gave a OrderedDict, not an nn.Module"),
+        (["model.widht=3"], r"^model._target_=tests.nets.ResidualMLP: cannot build it .*widht"),
+    ],
+    ids=["import_error", "not_callable", "type_error", "not_a_module", "bad_kwarg"],
+)
+def test_a_wrong_custom_model_is_refused_in_one_line(overrides: list[str], message: str) -> None:
+    cfg = make_config([*CUSTOM, *SMALL, *overrides])
+    with pytest.raises(UserError, match=message) as err:
+        build(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_target_on_another_model_is_refused_and_typos_in_known_models_too() -> None:
+    cfg = make_config([*SMALL, "+model._target_=tests.nets.ResidualMLP"])
+    with pytest.raises(UserError, match=r"^model._target_=tests.nets.ResidualMLP: only model=cus"):
+        build(cfg)
+    with pytest.raises(Exception, match=r"hiden"):
+        make_config(["model.hiden=[3]"])
+
+
+def test_custom_model_end_to_end_keeps_the_users_parameter_names(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+    }
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "maml_runner",
+            *CUSTOM,
+            "trainer.steps=20",
+            "trainer.val_every=10",
+            "eval.num_tasks=5",
+            "logger.mode=disabled",
+            "trainer.progress=false",
+            "device=cpu",
+            f"hydra.run.dir={run_dir}",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "model ResidualMLP: torch.func path, because ResidualMLP" in done.stdout
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    expected = {n: tuple(p.shape) for n, p in ResidualMLP([1], 1).state_dict().items()}
+    assert {n: tuple(p.shape) for n, p in state["model"].items()} == expected
+    assert "norms.0.weight" in expected and "blocks.1.bias" in expected
+    assert (run_dir / "metrics.json").is_file()
