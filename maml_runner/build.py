@@ -8,6 +8,7 @@ outer optimiser and fixed task sets, and bind every setting a run needs into the
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,7 +26,7 @@ from maml_runner import distributed
 from maml_runner.errors import InvalidArgument, UserError
 from maml_runner.job import Job, Report, SupervisedJob
 from maml_runner.maml import MAML, Pretrain, TaskLoss
-from maml_runner.maml.functional import check_supported
+from maml_runner.maml.engine import engine_for
 from maml_runner.models import MLP, Conv4
 from maml_runner.tasks import FixedTasks, Sinusoid, TaskStream
 from maml_runner.tasks.base import TaskFamily
@@ -85,6 +86,11 @@ def _is_rl(cfg: DictConfig) -> bool:
 
 
 def _validate_common(cfg: DictConfig) -> None:
+    if cfg.model.name != "custom" and "_target_" in cfg.model:
+        raise UserError(
+            f"model._target_={cfg.model._target_}: only model=custom takes a module of your own "
+            f"(this run's model is {cfg.model.name}); add model=custom"
+        )
     # (keys that a constructor takes are checked there: TaskStream, FixedTasks, MAML, ...)
     _positive(cfg, "trainer.log_every")
     _positive(cfg, "trainer.steps", "trainer.val_every", "trainer.checkpoint_every", minimum=0)
@@ -275,9 +281,14 @@ def _image_classes(images: torch.Tensor, task: DictConfig, rotations: bool, name
 
 
 def build_model(model: DictConfig, family: TaskFamily) -> nn.Module:
+    """The model of ``model`` for ``family``'s inputs and outputs (any ``nn.Module``).
+
+    Its engine is chosen here, once: the batched layers when they cover every module, else the
+    torch.func path (``maml.engine``); ``engine_for(net).description`` says which and why.
+    """
     with _keys("model"):
         net = _model(model, family)
-    check_supported(net)
+    engine_for(net)
     return net
 
 
@@ -305,7 +316,66 @@ def _model(model: DictConfig, family: TaskFamily) -> nn.Module:
             downsample=model.downsample,
             head=model.head,
         )
-    raise UserError(f"model.name={model.name}: choose one of mlp, conv4")
+    elif model.name == "custom":
+        return _custom_model(model, list(shape), outputs)
+    raise UserError(f"model.name={model.name}: choose one of mlp, conv4, custom")
+
+
+TASK_ARGUMENTS = ("input_shape", "num_outputs")
+
+
+def _custom_model(model: DictConfig, input_shape: list[int], num_outputs: int) -> nn.Module:
+    """``model=custom``: import ``model._target_`` and call it with the other keys as kwargs.
+
+    The task's ``input_shape`` and ``num_outputs`` are passed too when the callable accepts them
+    (a key of the same name in the config wins); see ``conf/model/custom.yaml``.
+    """
+    if OmegaConf.is_missing(model, "_target_"):
+        raise UserError(
+            "model._target_=???: model=custom needs the import path of your nn.Module, "
+            "e.g. model._target_=mypkg.nets.MyNet"
+        )
+    target = model._target_
+    kwargs = OmegaConf.to_container(model, resolve=True)
+    del kwargs["name"], kwargs["_target_"]
+    try:
+        make = hydra.utils.get_object(target)
+    except Exception as exc:  # Hydra: "Error loading 'x':" and the cause on the next line
+        lines = [line for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+        reason = lines[1] if len(lines) > 1 else lines[0]
+        raise UserError(
+            f"model._target_={target}: cannot import it ({reason}); the module must be "
+            f"importable from this Python (pip install it, or set PYTHONPATH)"
+        ) from None
+    if not callable(make):
+        raise UserError(
+            f"model._target_={target}: not an nn.Module class (a {type(make).__name__})"
+        )
+    try:
+        accepts = inspect.signature(make).parameters
+    except (TypeError, ValueError):
+        accepts = {}
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in accepts.values())
+    given = dict(input_shape=input_shape, num_outputs=num_outputs)
+    for name in TASK_ARGUMENTS:
+        if (takes_any or name in accepts) and name not in kwargs:
+            kwargs[name] = given[name]
+    try:
+        net = make(**kwargs)
+    except (InvalidArgument, UserError):
+        raise
+    except Exception as exc:
+        args = ", ".join(kwargs) or "none"
+        raise UserError(
+            f"model._target_={target}: cannot build it with arguments {args} "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    if not isinstance(net, nn.Module):
+        raise UserError(
+            f"model._target_={target}: gave a {type(net).__name__}, not an nn.Module; "
+            f"name an nn.Module class or a function returning one"
+        )
+    return net
 
 
 def build_learner(cfg: DictConfig, model: nn.Module, task_loss: TaskLoss) -> MAML | Pretrain:
@@ -407,6 +477,8 @@ def _build_supervised(cfg: DictConfig) -> SupervisedJob:
     families = build_families(cfg, device)
     family = families["train"]
     model = build_model(cfg.model, family).to(device)
+    if distributed.is_lead():
+        Console().print(engine_for(model).description)
     learner = build_learner(cfg, model, family.task_loss)
     optimizer = build_optimizer(cfg.outer, model)
     params = dict(model.named_parameters())

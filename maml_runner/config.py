@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 
 @dataclass
@@ -185,6 +185,14 @@ class GaussianMLPConfig:
     init_std: float = MISSING
 
 
+# ``model=custom``: any module by its import path. Its keys beyond ``name`` and ``_target_`` are
+# the module's own keyword arguments, unknown in advance, so this schema is an open node (OmegaConf
+# has no dataclass that takes extra fields): ``model.channels=[64,128]`` works without ``+``. The
+# other models' schemas stay closed, so a typo there (``model.hiden``) is still refused.
+CUSTOM_MODEL: DictConfig = OmegaConf.create(
+    {"name": MISSING, "_target_": MISSING}, flags={"struct": False}
+)
+
 SCHEMAS: dict[str, Any] = {
     "inner": InnerConfig,
     "trainer": TrainerConfig,
@@ -218,6 +226,7 @@ def register() -> None:
     for group, nodes in GROUP_SCHEMAS.items():
         for name, node in nodes.items():
             cs.store(group=group, name=name, node=node)
+    cs.store(group="model", name="base_custom", node=CUSTOM_MODEL)
 
 
 register()

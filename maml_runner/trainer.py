@@ -70,12 +70,16 @@ def auto_tasks_per_pass(model: torch.nn.Module, batch: TaskBatch) -> int:
 
     leaves = [m for m in model.modules() if not list(m.children())]
     hooks = [m.register_forward_hook(record) for m in leaves]
+    buffers = {n: b.clone() for n, b in model.named_buffers()}  # batch norm's running stats
     try:
         with torch.no_grad():
             model(batch.query_x[0, :2])
     finally:
         for hook in hooks:
             hook.remove()
+        with torch.no_grad():
+            for n, b in model.named_buffers():
+                b.copy_(buffers[n])
     per_task = largest * (batch.support_x.shape[1] + batch.query_x.shape[1])
     return max(1, min(batch.num_tasks, CPU_PASS_BYTES // max(per_task, 1)))
 

@@ -32,6 +32,8 @@ MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 # RL task families (their schema is base_rl) go with the policy model and the TRPO outer step
 RL_TASKS = [t for t in TASKS if "- base_rl" in (CONF / "task" / f"{t}.yaml").read_text()]
 RL_PARTS = {"task": RL_TASKS, "model": ["gaussian_mlp"], "outer": ["trpo"]}
+# options with a required key of the user's (``???`` in the file), and a value to test them with
+REQUIRED = {"model=custom": ["model._target_=tests.nets.ResidualMLP"]}
 
 
 def _companions(group: str, option: str) -> list[str]:
@@ -91,7 +93,7 @@ def test_option_composes_and_builds(group: str, option: str) -> None:
     # A model option is built with the first task family it fits (image models need images).
     supervised = [t for t in TASKS if t not in RL_TASKS]
     tasks = supervised if group == "model" and not _companions(group, option) else [None]
-    base += _companions(group, option)
+    base += _companions(group, option) + REQUIRED.get(f"{group}={option}", [])
     for task in tasks:
         cfg = make_config(base + ([f"task={task}"] if task else []))
         assert not OmegaConf.missing_keys(cfg), "keys no YAML sets (their schema says ???)"
@@ -118,6 +120,7 @@ def test_every_task_model_pair_builds_or_says_why_not(task: str, model: str) -> 
             "k=1",
         ]
         + [c for c in _companions("task", task) if c.startswith("outer")]
+        + REQUIRED.get(f"model={model}", [])
     )
     skip_without_omniglot(cfg)
     try:

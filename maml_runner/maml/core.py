@@ -1,8 +1,9 @@
 """MAML (Finn, Abbeel & Levine, ICML 2017) and its pretraining baseline, functionally.
 
 Parameters are a dict of tensors. A meta-batch of T tasks is computed together: every weight gets
-a leading task dimension (``[T, *shape]``) and ``batched_forward`` runs all tasks in one kernel
-per layer, so no Python loop over tasks sits on the hot path.
+a leading task dimension (``[T, *shape]``) and the model's engine runs all tasks together (one
+batched kernel per layer, or ``torch.func.vmap`` for any other module; ``engine.py``), so no
+Python loop over tasks sits on the hot path.
 
 References:
     Finn, Abbeel & Levine (2017), Model-Agnostic Meta-Learning for Fast Adaptation of Deep
@@ -11,31 +12,16 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from maml_runner.errors import positive_int, require
-from maml_runner.maml.functional import Params, batched_forward
+from maml_runner.maml.engine import engine_for
+from maml_runner.maml.functional import Params
 from maml_runner.tasks.batch import TaskBatch
 from maml_runner.tasks.losses import TaskLoss
-
-
-def inner_update(
-    per_task_loss: Callable[[Params], Tensor], params: Params, lr: float, create_graph: bool
-) -> Params:
-    """One inner gradient step θ'ᵢ = θᵢ − α∇L_i(θᵢ) for every task at once.
-
-    ``per_task_loss(params)`` returns each task's loss ``[T]``; summing them makes the gradient
-    with respect to ``params[..][t]`` that of task t alone. With ``create_graph`` the result stays
-    a differentiable function of ``params`` through the gradient itself (second order); without
-    it the gradient is a constant, so dθ'ᵢ/dθ = I: first-order MAML.
-    """
-    grads = torch.autograd.grad(
-        per_task_loss(params).sum(), list(params.values()), create_graph=create_graph
-    )
-    return {n: torch.add(w, g, alpha=-lr) for (n, w), g in zip(params.items(), grads)}
 
 
 def adapt(
@@ -52,14 +38,12 @@ def adapt(
     """Take ``steps`` gradient steps of size ``lr`` on each task's ``(x, y)``; return θ'ᵢ per task.
 
     ``params`` are per task (``[T, *shape]``; ``per_task(θ, T)`` broadcasts shared ones);
-    ``create_graph`` selects second-order (True) or first-order MAML, see ``inner_update``.
+    ``create_graph`` selects second-order (True) or first-order MAML. The model's engine (the
+    batched layers or the torch.func path, ``engine.engine_for``) takes each step.
     """
-
-    def support_loss(p: Params) -> Tensor:
-        return task_loss.loss(batched_forward(model, p, x), y)
-
+    engine = engine_for(model)
     for _ in range(steps):
-        params = inner_update(support_loss, params, lr, create_graph)
+        params = engine.step(task_loss, params, x, y, lr, create_graph)
     return params
 
 
@@ -78,7 +62,7 @@ class MAML:
     """Model-Agnostic Meta-Learning: the outer loss is the query loss after inner adaptation.
 
     Args:
-        model: a plain ``nn.Module`` built from layers ``batched_forward`` supports.
+        model: any ``nn.Module`` (batched layers, else the torch.func path: ``engine.py``).
         task_loss: the per-task loss (and metrics) for inner and outer objectives.
         inner_lr: α, the inner step size.
         inner_steps: gradient steps on the support set during meta-training.
@@ -113,9 +97,8 @@ class MAML:
             steps=self.inner_steps,
             create_graph=not self.first_order,
         )
-        return self.task_loss.loss(
-            batched_forward(self.model, fast, batch.query_x), batch.query_y
-        ).mean()
+        pred = engine_for(self.model).forward(fast, batch.query_x)
+        return self.task_loss.loss(pred, batch.query_y).mean()
 
 
 class Pretrain:
@@ -132,7 +115,7 @@ class Pretrain:
         x = torch.cat([batch.support_x, batch.query_x], dim=1)
         y = torch.cat([batch.support_y, batch.query_y], dim=1)
         shared = per_task(params, batch.num_tasks)
-        return self.task_loss.loss(batched_forward(self.model, shared, x), y).mean()
+        return self.task_loss.loss(engine_for(self.model).forward(shared, x), y).mean()
 
 
 @torch.no_grad()
@@ -153,7 +136,7 @@ def adaptation_curve(
     rows: dict[str, list[Tensor]] = {"loss": []}
     rows.update({name: [] for name in task_loss.metrics})
     for step in range(steps + 1):
-        pred = batched_forward(model, fast, batch.query_x)
+        pred = engine_for(model).forward(fast, batch.query_x)
         rows["loss"].append(task_loss.loss(pred, batch.query_y))
         for name, fn in task_loss.metrics.items():
             rows[name].append(fn(pred, batch.query_y))
@@ -204,5 +187,5 @@ def predictions_after(
             )
         done = target
         with torch.no_grad():
-            predictions[target] = batched_forward(model, fast, x).cpu()
+            predictions[target] = engine_for(model).forward(fast, x).cpu()
     return predictions

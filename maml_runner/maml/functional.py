@@ -138,22 +138,62 @@ BATCHED_LAYERS: dict[type[nn.Module], LayerFn] = {
 
 
 def _call(layer: nn.Module, params: Params, prefix: str, x: Tensor) -> Tensor:
-    for cls in type(layer).__mro__:
+    kind = type(layer)
+    for cls in kind.__mro__:
         fn = BATCHED_LAYERS.get(cls)
         if fn is not None:
+            # A subclass with a forward of its own (a Sequential with a skip connection) must
+            # run its own forward, never its parent's: refuse it (the torch.func path runs it).
+            if cls is not kind and kind.forward is not cls.forward:
+                raise TypeError(_refusal(layer, prefix, f"overrides {cls.__name__}.forward"))
             return fn(layer, params, prefix, x)
+    raise TypeError(_refusal(layer, prefix, "is not a batched layer"))
+
+
+def _refusal(layer: nn.Module, prefix: str, why: str) -> str:
     supported = ", ".join(sorted(c.__name__ for c in BATCHED_LAYERS))
-    raise TypeError(
-        f"layer {prefix.rstrip('.') or '<root>'} is a {type(layer).__name__}, which the batched "
-        f"MAML forward does not support; build models from: {supported}"
+    return (
+        f"layer {prefix.rstrip('.') or '<root>'} is a {type(layer).__name__} that {why}; the "
+        f"batched layers are {supported} (any other module runs on the torch.func path)"
     )
+
+
+def _why_not(module: nn.Module) -> str | None:
+    """Why the batched layers cannot run ``module`` itself (its children aside), or None."""
+    kind = type(module)
+    cls = next((c for c in kind.__mro__ if c in BATCHED_LAYERS), None)
+    if cls is None:  # a layer torch ships, or a class of one's own (which has a forward)
+        return (
+            "is not a batched layer"
+            if kind.__module__.startswith("torch.")
+            else "overrides forward"
+        )
+    if cls is not kind and kind.forward is not cls.forward:
+        return f"overrides {cls.__name__}.forward"
+    if cls is nn.AdaptiveAvgPool2d and module.output_size not in (1, (1, 1)):
+        return f"has output size {module.output_size} (only 1 is batched)"
+    return None
+
+
+def unsupported(model: nn.Module) -> str | None:
+    """Why the batched layers cannot run ``model``, naming the first module that stops them.
+
+    A module is covered when its class is, or derives from, a class in ``BATCHED_LAYERS``
+    without overriding that class's ``forward``. Returns None when every module is covered.
+    """
+    for name, module in model.named_modules():
+        why = _why_not(module)
+        if why is not None:
+            return f"{type(module).__name__} ({name or 'the model'}) {why}"
+    return None
 
 
 def check_supported(model: nn.Module) -> None:
     """Raise ``TypeError`` now, not mid-training, if ``model`` holds a layer we cannot batch."""
     for name, module in model.named_modules():
-        if not any(cls in BATCHED_LAYERS for cls in type(module).__mro__):
-            _call(module, {}, name + ".", torch.empty(0))
+        why = _why_not(module)
+        if why is not None:
+            raise TypeError(_refusal(module, name + ".", why))
 
 
 def batched_forward(model: nn.Module, params: Params, x: Tensor) -> Tensor:

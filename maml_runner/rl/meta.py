@@ -24,7 +24,8 @@ from torch import Tensor
 
 from maml_runner.errors import positive_int, require
 from maml_runner.maml import per_task
-from maml_runner.maml.core import check_inner, inner_update
+from maml_runner.maml.core import check_inner
+from maml_runner.maml.engine import inner_update
 from maml_runner.maml.functional import Params
 from maml_runner.models.policy import GaussianPolicy, kl_divergence, log_prob
 from maml_runner.rl.envs import VectorEnv
