@@ -12,7 +12,7 @@ import torch
 from maml_runner import app, checkpoint
 from maml_runner.evaluation import EvalResult
 from maml_runner.trainer import Cadence, Validation, fit
-from tests.helpers import QUICK, make_config, maml_run, read_metrics
+from tests.helpers import DATA, QUICK, make_config, maml_run, needs_omniglot, read_metrics
 
 
 class Recorder:
@@ -113,16 +113,13 @@ def test_eval_checkpoint_last_and_no_validation(tmp_path: Path) -> None:
     assert metrics["objective_metric"] is None and metrics["meta_test"]["checkpoint"] == "last"
 
 
+@needs_omniglot
 def test_classification_selects_on_validation_accuracy(tmp_path: Path) -> None:
     cfg = make_config(
         [*QUICK, "task=omniglot", "model=conv4", "model.filters=8", "trainer.steps=20"]
-        + ["trainer.val_every=10", "trainer.meta_batch_size=2", "data.root=null"]
+        + ["trainer.val_every=10", "trainer.meta_batch_size=2"]
     )
-    pytest.importorskip("PIL")
-    try:
-        objective = app.run(cfg, tmp_path)
-    except Exception as err:  # no Omniglot beside this checkout
-        pytest.skip(f"Omniglot data unavailable: {err}")
+    objective = app.run(cfg, tmp_path)
     metrics = read_metrics(tmp_path)
     assert metrics["objective_metric"] == "meta_val/query_acc"
     assert objective == -metrics["meta_val"]["best"]["value"] < 0
@@ -142,7 +139,11 @@ def test_diverged_tasks_are_counted_and_the_median_reported() -> None:
     ("args", "message"),
     [
         (["eval.num_tasks=1"], "eval.num_tasks=1: a mean ± 95% CI over test tasks needs at least"),
-        (["task=omniglot", "n_way=1"], "task.n_way=1: must be an integer >= 2"),
+        pytest.param(
+            ["task=omniglot", *DATA, "n_way=1"],
+            "task.n_way=1: must be an integer >= 2",
+            marks=needs_omniglot,
+        ),
         (["eval.checkpoint=first"], "eval.checkpoint=first: choose one of best, last"),
     ],
 )

@@ -60,13 +60,22 @@ def test_submitit_local_runs_the_slurm_path_without_a_cluster(tmp_path: Path) ->
 @needs("hydra_optuna_sweeper")
 def test_optuna_search_reads_the_returned_objective(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    args = ["hparams_search=sinusoid_lr", "hydra.sweeper.n_trials=3", *SHORT]
-    maml_run([*args, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
+    # the objective is the validation loss (never a test figure): validation must be on
+    short = [o for o in SHORT if not o.startswith("trainer.val_every")] + ["trainer.val_every=10"]
+    args = ["hparams_search=sinusoid_lr", "hydra.sweeper.n_trials=3", *short]
+    proc = maml_run([*args, f"hydra.sweep.dir={sweep}"], cwd=tmp_path)
     trials = [read_metrics(p.parent) for p in sweep.glob("*/metrics.json")]
     assert len(trials) == 3
+    for trial in trials:
+        assert trial["objective_metric"] == "meta_val/query_loss"
+        assert trial["objective"] == trial["meta_val"]["best"]["value"]
+        assert trial["meta_test"]["step"] == trial["meta_val"]["best"]["step"]
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert set(best["best_params"]) == {"inner.lr", "outer.lr"}
     assert best["best_value"] == pytest.approx(min(t["objective"] for t in trials))
+    assert "needs validation" not in proc.stderr
+    refused = maml_run([*args[:2], *SHORT], cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and "trainer.val_every=0: a search" in refused.stderr
     lrs = {
         json.dumps(yaml.safe_load((p / ".hydra" / "overrides.yaml").read_text())[:2])
         for p in sweep.iterdir()

@@ -118,6 +118,26 @@ class Pretrain:
         return self.task_loss.loss(engine_for(self.model).forward(shared, x), y).mean()
 
 
+def fine_tune(
+    model: nn.Module, task_loss: TaskLoss, fast: Params, batch: TaskBatch, lr: float, steps: int
+) -> Params:
+    """``steps`` plain (first-order) gradient steps of size ``lr`` on each task's support set,
+    as at meta-test; ``fast`` are per-task weights, returned detached."""
+    with torch.enable_grad():
+        fast = {n: w.detach().requires_grad_() for n, w in fast.items()}
+        fast = adapt(
+            model,
+            task_loss,
+            fast,
+            batch.support_x,
+            batch.support_y,
+            lr=lr,
+            steps=steps,
+            create_graph=False,
+        )
+    return {n: w.detach() for n, w in fast.items()}
+
+
 @torch.no_grad()
 def adaptation_curve(
     model: nn.Module,
@@ -141,21 +161,11 @@ def adaptation_curve(
         for name, fn in task_loss.metrics.items():
             rows[name].append(fn(pred, batch.query_y))
         if step < steps:
-            with torch.enable_grad():
-                fast = {n: w.detach().requires_grad_() for n, w in fast.items()}
-                fast = adapt(
-                    model,
-                    task_loss,
-                    fast,
-                    batch.support_x,
-                    batch.support_y,
-                    lr=lr,
-                    steps=1,
-                    create_graph=False,
-                )
+            fast = fine_tune(model, task_loss, fast, batch, lr, 1)
     return {name: torch.stack(values) for name, values in rows.items()}
 
 
+@torch.no_grad()
 def predictions_after(
     model: nn.Module,
     task_loss: TaskLoss,
@@ -173,19 +183,7 @@ def predictions_after(
     fast = per_task({n: p.detach() for n, p in params.items()}, batch.num_tasks)
     predictions, done = {}, 0
     for target in sorted(steps):
-        with torch.enable_grad():
-            fast = {n: w.detach().requires_grad_() for n, w in fast.items()}
-            fast = adapt(
-                model,
-                task_loss,
-                fast,
-                batch.support_x,
-                batch.support_y,
-                lr=lr,
-                steps=target - done,
-                create_graph=False,
-            )
+        fast = fine_tune(model, task_loss, fast, batch, lr, target - done)
         done = target
-        with torch.no_grad():
-            predictions[target] = engine_for(model).forward(fast, x).cpu()
+        predictions[target] = engine_for(model).forward(fast, x).cpu()
     return predictions
