@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from maml_runner import checkpoint, config, distributed, report, run_folder
+from maml_runner import checkpoint, config, distributed, report, run_folder, tracking
 from maml_runner.build import build, build_tracker
 from maml_runner.errors import InvalidArgument, UserError
 from maml_runner.job import Job
@@ -38,9 +38,9 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
     keep_freed_memory()  # host tensors reused, not page-faulted anew each meta-step
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    if cfg.trainer.num_threads is not None:
-        torch.set_num_threads(cfg.trainer.num_threads)
     with build(cfg) as job:
+        if job.num_threads is not None:
+            torch.set_num_threads(job.num_threads)
         resumed = checkpoint.resume(job.resume, job.model, job.optimizer, job.device)
         lead = distributed.is_lead()
         if resumed.path is not None:
@@ -51,6 +51,7 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
                 )
             if lead:
                 run_folder.record_overrides(cfg, run_dir)
+                tracking.keep_history_until(run_dir, resumed.step)
                 console.print(f"resuming from {resumed.path} at step {resumed.step}")
         if distributed.world_size() > 1:
             distributed.broadcast_params(job.params)

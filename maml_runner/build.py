@@ -95,8 +95,6 @@ def _validate_common(cfg: DictConfig) -> None:
     _positive(cfg, "trainer.log_every")
     _positive(cfg, "trainer.steps", "trainer.val_every", "trainer.checkpoint_every", minimum=0)
     _positive(cfg, "inner.eval_steps", minimum=0)
-    if cfg.trainer.num_threads is not None:
-        _positive(cfg, "trainer.num_threads")
     _positive(cfg, "eval.batch_size")
     tasks = cfg.eval.num_tasks
     _require(
@@ -444,9 +442,21 @@ def _report(cfg: DictConfig) -> Report:
     return Report(header, paper, list(cfg.eval.report_steps), cfg.algorithm.name)
 
 
-def _common(cfg: DictConfig) -> dict:
+def _num_threads(cfg: DictConfig, model: nn.Module) -> int | None:
+    """``trainer.num_threads``; auto: 1 without convolutions, else torch's default (None)."""
+    threads = cfg.trainer.num_threads
+    if threads == "auto":
+        convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in model.modules())
+        return None if convolutional else 1
+    ok = threads is None or (type(threads) is int and threads >= 1)
+    _require(ok, "trainer.num_threads", threads, "give an integer >= 1, null or auto")
+    return threads
+
+
+def _common(cfg: DictConfig, model: nn.Module) -> dict:
     """The Job fields every kind of run reads the same way."""
     return dict(
+        num_threads=_num_threads(cfg, model),
         cadence=_cadence(cfg),
         report=_report(cfg),
         test_checkpoint=cfg.eval.checkpoint,
@@ -533,7 +543,7 @@ def _build_supervised(cfg: DictConfig) -> SupervisedJob:
         inner_lr=cfg.inner.lr,
         eval_steps=cfg.inner.eval_steps,
         plot_tasks=cfg.eval.plot_tasks,
-        **_common(cfg),
+        **_common(cfg, model),
     )
 
 
@@ -639,7 +649,7 @@ def _build_rl(cfg: DictConfig) -> RLJob:
         test_seed=cfg.eval.seed,
         validate_every=cfg.trainer.val_every > 0,
         plot_tasks=cfg.eval.plot_tasks,
-        **_common(cfg),
+        **_common(cfg, policy),
     )
 
 

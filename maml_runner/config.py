@@ -41,7 +41,7 @@ class TrainerConfig:
     checkpoint_every: int = MISSING
     log_every: int = MISSING
     progress: bool = MISSING
-    num_threads: int | None = MISSING
+    num_threads: Any = MISSING
     tasks_per_pass: Any = MISSING
 
 

@@ -93,6 +93,7 @@ class Job:
     resume: str | None  # run folder or checkpoint to continue from
     config: dict  # the resolved config: saved in checkpoints, logged to W&B
     device: torch.device
+    num_threads: int | None  # torch's CPU threads for this run (None: torch's default)
 
     def select(self, fitted: FitResult, folder: Path) -> Selection:
         """Put the θ to meta-test into the model: the best validation step's (``best.pt``) or

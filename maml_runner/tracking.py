@@ -132,6 +132,24 @@ class NullTracker:
         pass
 
 
+def keep_history_until(run_dir: Path, step: int) -> int:
+    """On resume from ``step``: drop the history rows logged after it (by a run that went on
+    past its last checkpoint and was then killed), so that no step is in the history twice.
+
+    Returns how many rows were dropped; the file is replaced atomically.
+    """
+    path = Path(run_dir) / HISTORY
+    if not path.is_file():
+        return 0
+    rows = path.read_text().splitlines(keepends=True)
+    kept = [r for r in rows if r.strip() and json.loads(r).get("step", 0) <= step]
+    if len(kept) < len(rows):
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return len(rows) - len(kept)
+
+
 def _json_number(value: float) -> float | str:
     value = float(value)
     return value if math.isfinite(value) else str(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -71,3 +72,32 @@ def test_resume_of_a_folder_that_is_not_a_run_writes_nothing(tmp_path: Path) -> 
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: resume={folder}: no checkpoints/last.pt in that folder"
     assert sorted(p.name for p in folder.iterdir()) == ["mine.txt"]
+
+
+def test_a_resumed_history_has_no_step_twice(tmp_path: Path) -> None:
+    """A run killed after logging past its last checkpoint: the rows after the checkpoint are
+    dropped on resume, so the history holds each step once, with the resumed run's values."""
+    run = tmp_path / "run"
+    maml_run([*STEPS, "trainer.steps=20", f"hydra.run.dir={run}"], cwd=tmp_path)
+    history = run / "metrics.jsonl"
+    stale = (
+        '{"step": 30, "meta_train/query_loss": -1.0}\n{"step": 40, "meta_train/query_loss": -1.0}\n'
+    )
+    history.write_text(history.read_text() + stale)  # what a run killed at step 40 leaves
+    maml_run([f"resume={run}", "trainer.steps=40"], cwd=tmp_path)
+    rows = [json.loads(line) for line in history.read_text().splitlines()]
+    train = [(r["step"], r["meta_train/query_loss"]) for r in rows if "meta_train/query_loss" in r]
+    assert [s for s, _ in train] == [10, 20, 30, 40]
+    assert all(loss > 0 for _, loss in train)
+
+
+def test_threads_auto_suits_the_model() -> None:
+    from maml_runner.build import build
+    from tests.helpers import DATA, make_config
+
+    with build(make_config([*QUICK])) as job:
+        assert job.num_threads == 1  # the sinusoid MLP
+    with build(make_config([*QUICK, *DATA, "task=miniimagenet", "model=conv4"])) as job:
+        assert job.num_threads is None  # convolutions: torch's default, one per core
+    with build(make_config([*QUICK, "trainer.num_threads=2"])) as job:
+        assert job.num_threads == 2
