@@ -88,7 +88,7 @@ def record_overrides(cfg: DictConfig, run_dir: Path) -> None:
 
 def unclaim(run_dir: Path) -> None:
     """A refused run leaves no folder behind: remove what Hydra wrote before the run began
-    (its ``.hydra/`` snapshot and an empty log), then the folder if nothing else is in it. A
+    (its ``.hydra/`` snapshot, and its log when nothing else is there), then the folder. A
     resume wrote no snapshot, and anything else in the folder is kept."""
     from hydra.core.hydra_config import HydraConfig
 
@@ -97,11 +97,12 @@ def unclaim(run_dir: Path) -> None:
         return
     shutil.rmtree(run_dir / hc.output_subdir, ignore_errors=True)
     log = run_dir / f"{hc.job.name}.log"
-    if log.is_file() and log.stat().st_size == 0:
-        log.unlink()
-    for folder in (run_dir, run_dir.parent):  # the run's, then its DATE folder if claimed
-        if folder is run_dir.parent and not re.fullmatch(r"\d{4}-\d{2}-\d{2}", folder.name):
-            break
+    if log.is_file() and [p.name for p in run_dir.iterdir()] == [log.name]:
+        log.unlink()  # the log of this refused run (e.g. "decoding Omniglot"), alone in it
+    folders = [run_dir]
+    if re.fullmatch(r"\d{4}-\d{2}-\d{2}", run_dir.parent.name):
+        folders.append(run_dir.parent)  # the DATE folder of a claimed outputs/DATE/TIME
+    for folder in folders:
         try:
             folder.rmdir()
         except OSError:

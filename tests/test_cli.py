@@ -109,7 +109,7 @@ BAD_INPUTS = [
     (["k=0"], "k=0: K (support examples per task) must be an integer >= 1"),
     (["trainer.meta_batch_size=0"], "trainer.meta_batch_size=0: must be an integer >= 1"),
     (["inner.lr=-0.1"], "inner.lr=-0.1: the inner step size must be >= 0"),
-    (["outer.lr=-1"], "outer.lr=-1: the meta step size must be >= 0"),
+    (["outer.lr=-1"], "outer.lr=-1: the meta step size must be a number >= 0"),
     (["inner.steps=-2"], "inner.steps=-2: must be an integer >= 0"),
     (["device=cuda"], "device=cuda: no CUDA GPU is visible here"),
     (["device=tpu"], "device=tpu: choose auto, cpu, cuda or cuda:N"),

@@ -101,3 +101,17 @@ def test_threads_auto_suits_the_model() -> None:
         assert job.num_threads is None  # convolutions: torch's default, one per core
     with build(make_config([*QUICK, "trainer.num_threads=2"])) as job:
         assert job.num_threads == 2
+
+
+def test_a_refused_run_leaves_no_folder_even_after_logging(tmp_path: Path) -> None:
+    """Refused after the data were decoded (and logged): the run's folder goes, its parent
+    (not a claimed DATE folder) stays."""
+    from tests.helpers import CACHE
+
+    parent = tmp_path / "mine"
+    parent.mkdir()
+    args = ["task=miniimagenet", f"data.root={CACHE / 'miniimagenet'}", "n_way=50", "k=1"]
+    fresh = f"data.cache_dir={tmp_path / 'cache'}"  # decodes anew, and logs it
+    proc = maml_run([*QUICK, *args, fresh, f"hydra.run.dir={parent / 'run'}"], tmp_path, False)
+    assert proc.returncode == 2 and "task.n_way=50: " in proc.stderr, proc.stderr
+    assert parent.is_dir() and not list(parent.iterdir())
