@@ -15,8 +15,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from maml_runner.data.archives import atomic_file
 from maml_runner.evaluation import EvalResult
 from maml_runner.job import Job, Selection, Tested
+from maml_runner.results import is_percent, paper_cell
 from maml_runner.trainer import FitResult
 
 METRICS = "metrics.json"
@@ -34,16 +36,15 @@ def print_result(tested: Tested, report_steps: list[int], paper: dict | None) ->
     metrics = list(result.mean)
     for metric in metrics:
         table.add_column(metric, justify="right")
-    paper_values = {}
     if paper:
-        paper_values = dict(zip(paper["steps"], paper["mean"]))
-        table.add_column(f"paper {paper['metric']}", justify="right")
+        unit = " (%)" if is_percent(paper["metric"]) else ""
+        table.add_column(f"paper {paper['metric']}{unit}", justify="right")
     for step in report_steps:
         row = [str(step)] + [
             f"{result.mean[m][step]:.4f} ± {result.ci95[m][step]:.4f}" for m in metrics
         ]
         if paper:
-            row.append(f"{paper_values[step]:.3g}" if step in paper_values else "")
+            row.append(paper_cell(paper, step))  # as the paper prints it: 98.7 ± 0.4
         table.add_row(*row)
     console.print(table)
     if any(result.diverged):
@@ -126,7 +127,8 @@ def finish(
     console.print(describe(selected))
     images = job.plots(tested, run_dir)
     data = metrics(job, tested, fitted, selected)
-    (run_dir / METRICS).write_text(json.dumps(data, indent=2))
+    with atomic_file(run_dir / METRICS) as f:  # a killed run leaves no half-written file
+        f.write(json.dumps(data, indent=2).encode())
     summarise(tracker, tested.result, fitted.step)
     tracker.log_images(images, fitted.step)
     console.print(f"run folder: {run_dir} (metrics.json, adaptation.png, checkpoints/)")
