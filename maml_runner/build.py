@@ -377,9 +377,9 @@ def _custom_model(model: DictConfig, input_shape: list[int], num_outputs: int) -
 
 
 def build_learner(cfg: DictConfig, model: nn.Module, task_loss: TaskLoss) -> MAML | Pretrain:
-    if cfg.algorithm.name == "pretrain":
-        return Pretrain(model, task_loss)
     with _keys("inner", inner_lr="inner.lr", inner_steps="inner.steps"):
+        if cfg.algorithm.name == "pretrain":
+            return Pretrain(model, task_loss, inner_lr=cfg.inner.lr)
         return MAML(
             model,
             task_loss,
@@ -540,7 +540,6 @@ def _build_supervised(cfg: DictConfig) -> SupervisedJob:
         family=families["test"],
         val_tasks=val_tasks,
         test_tasks=test_tasks,
-        inner_lr=cfg.inner.lr,
         eval_steps=cfg.inner.eval_steps,
         plot_tasks=cfg.eval.plot_tasks,
         **_common(cfg, model),

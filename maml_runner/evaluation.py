@@ -11,9 +11,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
-from maml_runner.maml import TaskLoss, adaptation_curve
+from maml_runner.maml.core import Adapts, adaptation_curve
 from maml_runner.maml.functional import Params
 from maml_runner.tasks import FixedTasks
 
@@ -93,19 +92,9 @@ def mean_ci95(values: torch.Tensor, *, few: bool = False) -> tuple[list[float], 
     return mean.tolist(), (z * std / math.sqrt(n)).tolist()
 
 
-def meta_test(
-    model: nn.Module,
-    task_loss: TaskLoss,
-    params: Params,
-    tasks: FixedTasks,
-    *,
-    lr: float,
-    steps: int,
-) -> EvalResult:
-    """Adapt θ to every task of ``tasks`` for ``steps`` steps; summarise each step's metrics."""
-    chunks = [
-        adaptation_curve(model, task_loss, params, batch, lr=lr, steps=steps)
-        for batch in tasks.batches()
-    ]
+def meta_test(learner: Adapts, params: Params, tasks: FixedTasks, *, steps: int) -> EvalResult:
+    """Adapt θ to every task of ``tasks`` for ``steps`` steps as the learner does at meta-test;
+    summarise each step's metrics."""
+    chunks = [adaptation_curve(learner, params, batch, steps=steps) for batch in tasks.batches()]
     # [steps+1, num_tasks] per quantity, named as reported: query_loss, query_acc
     return EvalResult.of({f"query_{n}": torch.cat([c[n] for c in chunks], 1) for n in chunks[0]})

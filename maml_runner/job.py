@@ -133,7 +133,6 @@ class SupervisedJob(Job):
     family: TaskFamily  # the test split's family (its loss and task plot)
     val_tasks: FixedTasks | None
     test_tasks: FixedTasks
-    inner_lr: float  # α at validation and meta-test
     eval_steps: int  # inner steps at validation and meta-test
     plot_tasks: int  # example tasks drawn when the family has a task plot
 
@@ -144,14 +143,7 @@ class SupervisedJob(Job):
             self.validation = Validation(self._validate, key, maximize=loss.maximize)
 
     def _evaluate(self, tasks: FixedTasks) -> EvalResult:
-        return meta_test(
-            self.model,
-            self.family.task_loss,
-            self.params,
-            tasks,
-            lr=self.inner_lr,
-            steps=self.eval_steps,
-        )
+        return meta_test(self.learner, self.params, tasks, steps=self.eval_steps)
 
     def _validate(self) -> dict[str, float]:
         result = self._evaluate(self.val_tasks)
@@ -175,15 +167,7 @@ class SupervisedJob(Job):
             tasks = self.test_tasks.first(num)
             grid = task_plot.grid.to(self.device).unsqueeze(0).expand(num, -1, -1)
             steps = sorted({0, 1, self.eval_steps})
-            predictions = predictions_after(
-                self.model,
-                self.family.task_loss,
-                self.params,
-                tasks,
-                grid,
-                lr=self.inner_lr,
-                steps=steps,
-            )
+            predictions = predictions_after(self.learner, self.params, tasks, grid, steps=steps)
             images["plots/tasks"] = plots.regression_tasks(
                 tasks, grid, task_plot.truth(tasks.info, grid), predictions, folder / "tasks.png"
             )

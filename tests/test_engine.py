@@ -254,7 +254,8 @@ def test_adaptation_curve_matches_manual_sgd_and_leaves_model_alone():
     params = shared_params(model)
     before = {n: p.detach().clone() for n, p in params.items()}
 
-    curve = adaptation_curve(model, regression_loss(), params, batch, lr=lr, steps=steps)
+    learner = MAML(model, regression_loss(), inner_lr=lr, inner_steps=1)
+    curve = adaptation_curve(learner, params, batch, steps=steps)
 
     assert torch.is_grad_enabled()
     assert set(curve) == {"loss"}
@@ -293,7 +294,8 @@ def test_adaptation_curve_reports_metrics():
         torch.randint(4, (t, q), generator=g),
     )
     params = shared_params(model)
-    curve = adaptation_curve(model, classification_loss(), params, batch, lr=0.5, steps=1)
+    learner = MAML(model, classification_loss(), inner_lr=0.5, inner_steps=1)
+    curve = adaptation_curve(learner, params, batch, steps=1)
     assert set(curve) == {"loss", "acc"}
     assert curve["acc"].shape == (2, t)
 
@@ -316,7 +318,7 @@ def test_pretrain_outer_loss_is_mean_loss_on_support_and_query():
     batch = sinusoid_batch(seed=13)
     params = shared_params(model)
 
-    loss = Pretrain(model, regression_loss()).outer_loss(params, batch)
+    loss = Pretrain(model, regression_loss(), inner_lr=0.01).outer_loss(params, batch)
     grads = torch.autograd.grad(loss, list(params.values()))
 
     per_task = []

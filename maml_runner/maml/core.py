@@ -12,7 +12,9 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from functools import partial
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -22,6 +24,19 @@ from maml_runner.maml.engine import engine_for
 from maml_runner.maml.functional import Params
 from maml_runner.tasks.batch import TaskBatch
 from maml_runner.tasks.losses import TaskLoss
+
+# A per-task predictor: inputs [T, N, ...] -> outputs [T, N, ...] with one task's weights each.
+Predict = Callable[[Tensor], Tensor]
+
+
+class Adapts(Protocol):
+    """What the meta-test needs of a learner: its task loss and how it adapts at meta-test."""
+
+    task_loss: TaskLoss
+
+    def adaptation(self, params: Params, batch: TaskBatch, steps: int) -> Iterator[Predict]:
+        """The per-task predictor after 0, 1, ..., ``steps`` adaptation steps from θ."""
+        ...
 
 
 def adapt(
@@ -100,22 +115,31 @@ class MAML:
         pred = engine_for(self.model).forward(fast, batch.query_x)
         return self.task_loss.loss(pred, batch.query_y).mean()
 
+    def adaptation(self, params: Params, batch: TaskBatch, steps: int) -> Iterator[Predict]:
+        """At meta-test: plain gradient steps of size α (no graph kept)."""
+        return sgd_adaptation(self.model, self.task_loss, params, batch, self.inner_lr, steps)
+
 
 class Pretrain:
     """The paper's baseline: one model trained on all tasks' points jointly, no inner loop.
 
-    At meta-test it is fine-tuned exactly like MAML (same steps, same α), which is the paper's
-    "pretrained" row in the sinusoid comparison.
+    At meta-test it is fine-tuned exactly like MAML (same steps, same α = ``inner_lr``), which
+    is the paper's "pretrained" row in the sinusoid comparison.
     """
 
-    def __init__(self, model: nn.Module, task_loss: TaskLoss) -> None:
-        self.model, self.task_loss = model, task_loss
+    def __init__(self, model: nn.Module, task_loss: TaskLoss, *, inner_lr: float) -> None:
+        check_inner(inner_lr, 0)
+        self.model, self.task_loss, self.inner_lr = model, task_loss, inner_lr
 
     def outer_loss(self, params: Params, batch: TaskBatch) -> Tensor:
         x = torch.cat([batch.support_x, batch.query_x], dim=1)
         y = torch.cat([batch.support_y, batch.query_y], dim=1)
         shared = per_task(params, batch.num_tasks)
         return self.task_loss.loss(engine_for(self.model).forward(shared, x), y).mean()
+
+    def adaptation(self, params: Params, batch: TaskBatch, steps: int) -> Iterator[Predict]:
+        """At meta-test: fine-tuned like MAML, plain gradient steps of size α."""
+        return sgd_adaptation(self.model, self.task_loss, params, batch, self.inner_lr, steps)
 
 
 def fine_tune(
@@ -138,52 +162,49 @@ def fine_tune(
     return {n: w.detach() for n, w in fast.items()}
 
 
+def sgd_adaptation(
+    model: nn.Module, task_loss: TaskLoss, params: Params, batch: TaskBatch, lr: float, steps: int
+) -> Iterator[Predict]:
+    """Meta-test adaptation by plain gradient steps of size ``lr`` from θ on each support set:
+    yields the per-task predictor after 0, 1, ..., ``steps`` steps (MAML's and pretraining's)."""
+    engine = engine_for(model)
+    fast = per_task({n: p.detach() for n, p in params.items()}, batch.num_tasks)
+    for step in range(steps + 1):
+        yield partial(engine.forward, fast)
+        if step < steps:
+            fast = fine_tune(model, task_loss, fast, batch, lr, 1)
+
+
 @torch.no_grad()
 def adaptation_curve(
-    model: nn.Module,
-    task_loss: TaskLoss,
-    params: Params,
-    batch: TaskBatch,
-    *,
-    lr: float,
-    steps: int,
+    learner: Adapts, params: Params, batch: TaskBatch, *, steps: int
 ) -> dict[str, Tensor]:
     """Query loss (and metrics) of each task after 0..steps inner steps, ``{name: [steps+1, T]}``.
 
-    Fine-tuning as at meta-test: plain gradient steps of size ``lr`` from θ on each support set.
+    The learner adapts as at meta-test (``learner.adaptation``); θ is left unchanged.
     """
-    fast = per_task({n: p.detach() for n, p in params.items()}, batch.num_tasks)
+    task_loss = learner.task_loss
     rows: dict[str, list[Tensor]] = {"loss": []}
     rows.update({name: [] for name in task_loss.metrics})
-    for step in range(steps + 1):
-        pred = engine_for(model).forward(fast, batch.query_x)
+    for predict in learner.adaptation(params, batch, steps):
+        pred = predict(batch.query_x)
         rows["loss"].append(task_loss.loss(pred, batch.query_y))
         for name, fn in task_loss.metrics.items():
             rows[name].append(fn(pred, batch.query_y))
-        if step < steps:
-            fast = fine_tune(model, task_loss, fast, batch, lr, 1)
     return {name: torch.stack(values) for name, values in rows.items()}
 
 
 @torch.no_grad()
 def predictions_after(
-    model: nn.Module,
-    task_loss: TaskLoss,
-    params: Params,
-    batch: TaskBatch,
-    x: Tensor,
-    *,
-    lr: float,
-    steps: Sequence[int],
+    learner: Adapts, params: Params, batch: TaskBatch, x: Tensor, *, steps: Sequence[int]
 ) -> dict[int, Tensor]:
     """Each task's predictions at ``x`` ``[T, G, ...]`` after each of ``steps`` inner steps (CPU).
 
-    Fine-tuning as at meta-test, from θ on each task's support set; for plots.
+    The learner adapts as at meta-test, from θ on each task's support set; for plots.
     """
-    fast = per_task({n: p.detach() for n, p in params.items()}, batch.num_tasks)
-    predictions, done = {}, 0
-    for target in sorted(steps):
-        fast = fine_tune(model, task_loss, fast, batch, lr, target - done)
-        done = target
-        predictions[target] = engine_for(model).forward(fast, x).cpu()
+    wanted = set(steps)
+    predictions = {}
+    for step, predict in enumerate(learner.adaptation(params, batch, max(wanted))):
+        if step in wanted:
+            predictions[step] = predict(x).cpu()
     return predictions
