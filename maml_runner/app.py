@@ -41,7 +41,7 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
     with build(cfg) as job:
         if job.num_threads is not None:
             torch.set_num_threads(job.num_threads)
-        resumed = checkpoint.resume(job.resume, job.model, job.optimizer, job.device)
+        resumed = checkpoint.resume(job.resume, job.model, job.optimizer, job.device, job.scheduler)
         lead = distributed.is_lead()
         if resumed.path is not None:
             if job.cadence.steps < resumed.step:
@@ -78,7 +78,9 @@ def _train(job: Job, run_dir: Path, multirun: bool, tracker, resumed) -> FitResu
     """
     lead = distributed.is_lead()
     saver = (
-        checkpoint.Checkpointer(run_dir, job.model, job.optimizer, job.config, tracker.run_id)
+        checkpoint.Checkpointer(
+            run_dir, job.model, job.optimizer, job.config, tracker.run_id, job.scheduler
+        )
         if lead
         else checkpoint.NullCheckpointer()
     )

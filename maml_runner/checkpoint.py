@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from maml_runner.errors import UserError
 
@@ -44,6 +45,7 @@ def save(
     *,
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
+    scheduler: LRScheduler | None = None,
     step: int,
     config: dict,
     best: dict | None = None,
@@ -66,6 +68,8 @@ def save(
         "model": model.state_dict(),
         # TRPO (RL) keeps no state between steps: an empty dict
         "optimizer": {} if optimizer is None else optimizer.state_dict(),
+        # the outer learning-rate schedule (outer.scheduler); {} without one
+        "scheduler": {} if scheduler is None else scheduler.state_dict(),
         "best": best,
         "rng": rng_state(),
         "config": config,
@@ -168,8 +172,10 @@ def resume(
     model: nn.Module,
     optimizer: torch.optim.Optimizer | None,
     device: torch.device,
+    scheduler: LRScheduler | None = None,
 ) -> Resumed:
-    """Load the checkpoint at ``where`` (a run folder or file) into model, optimiser and RNGs.
+    """Load the checkpoint at ``where`` (a run folder or file) into model, optimiser, the outer
+    learning-rate schedule and RNGs.
 
     ``None``: nothing to resume, a fresh start. The model must match the checkpoint's.
     """
@@ -181,6 +187,18 @@ def resume(
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        if not state.get("scheduler"):
+            raise UserError(
+                f"resume={where}: the checkpoint has no outer learning-rate schedule but "
+                f"outer.scheduler is set; resume with the run's own outer settings"
+            )
+        scheduler.load_state_dict(state["scheduler"])
+    elif state.get("scheduler"):
+        raise UserError(
+            f"resume={where}: the checkpoint's run had an outer learning-rate schedule but "
+            f"outer.scheduler is null; resume with the run's own outer settings"
+        )
     set_rng_state(state["rng"])
     extra = state["extra"]
     return Resumed(
@@ -204,9 +222,11 @@ class Checkpointer:
         optimizer: torch.optim.Optimizer | None,
         config: dict,
         run_id: str | None,
+        scheduler: LRScheduler | None = None,
     ) -> None:
         self.folder = run_dir / "checkpoints"
         self.model, self.optimizer, self.config, self.run_id = model, optimizer, config, run_id
+        self.scheduler = scheduler
 
     def save(self, step: int, best: dict | None, train_time: float) -> None:
         """``checkpoints/last.pt``: the run at ``step``, to resume from."""
@@ -222,6 +242,7 @@ class Checkpointer:
                 self.folder / name,
                 model=self.model,
                 optimizer=self.optimizer,
+                scheduler=self.scheduler,
                 step=step,
                 config=self.config,
                 best=best,

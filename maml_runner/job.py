@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from maml_runner import checkpoint, plots
 from maml_runner.evaluation import EvalResult, meta_test
@@ -81,6 +82,7 @@ class Job:
     model: nn.Module  # holds θ (its state dict is what checkpoints save)
     params: Params  # θ by name: what the update moves and the trainer checks for NaN
     optimizer: torch.optim.Optimizer | None  # state to checkpoint (TRPO keeps none)
+    scheduler: LRScheduler | None = None  # outer.scheduler: stepped by ``update``, checkpointed
     learner: Any  # the algorithm's objective (``MAML``, ``Pretrain``, ``rl.meta.MetaRL``)
     stream: Any  # meta-training tasks: ``stream.batch(step)``
     update: Update  # one meta-step of ``learner`` on ``stream.batch(step)``

@@ -131,6 +131,21 @@ def gradient_step(
     return update
 
 
+def scheduled(update: Update, scheduler: torch.optim.lr_scheduler.LRScheduler) -> Update:
+    """``update`` followed by one step of the outer learning-rate schedule.
+
+    The step's figures gain the outer learning rate it used (``meta_train/outer_lr``).
+    """
+
+    def step(index: int) -> torch.Tensor:
+        lr = scheduler.get_last_lr()[0]
+        figures = update(index)
+        scheduler.step()
+        return torch.cat([figures.reshape(-1), figures.new_tensor([lr])])
+
+    return step
+
+
 class Logger(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import subprocess
 import time
@@ -40,6 +41,39 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
         return {r["step"]: r["meta_train/query_loss"] for r in rows if "meta_train/query_loss" in r}
 
     assert train_losses(whole) == train_losses(half)
+
+
+COSINE = "outer.scheduler={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,T_max:60}"
+
+
+def test_outer_schedule_is_followed_and_resumes_exactly(tmp_path: Path) -> None:
+    whole, half = tmp_path / "whole", tmp_path / "half"
+    app.run(make_config([*QUICK, "trainer.steps=60", "trainer.log_every=10", COSINE]), whole)
+    app.run(make_config([*QUICK, "trainer.steps=40", "trainer.log_every=10", COSINE]), half)
+    assert checkpoint.load(half / "checkpoints" / "last.pt")["scheduler"]["last_epoch"] == 40
+    app.run(make_config([*QUICK, "trainer.steps=60", "trainer.log_every=10", COSINE,
+                         f"resume={half}"]), half)  # fmt: skip
+    a, b = _params(whole), _params(half)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_metrics(whole)["meta_test"] == read_metrics(half)["meta_test"]
+
+    rows = [json.loads(x) for x in (whole / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["meta_train/outer_lr"] for r in rows if "meta_train/outer_lr" in r]
+    # the mean lr of steps 0-9, ..., 50-59 of a cosine from 1e-3 to 0 over 60 steps
+    expected = [
+        sum(0.5e-3 * (1 + math.cos(math.pi * s / 60)) for s in range(lo, lo + 10)) / 10
+        for lo in range(0, 60, 10)
+    ]
+    assert lrs == pytest.approx(expected, rel=1e-5)
+    # resuming the scheduled run without its schedule is refused, and so is the converse
+    with pytest.raises(UserError, match="outer.scheduler is null"):
+        app.run(make_config([*QUICK, "trainer.steps=80", f"resume={half}"]), half)
+
+
+def test_a_schedule_that_needs_a_metric_is_refused(tmp_path: Path) -> None:
+    bad = "outer.scheduler={_target_:torch.optim.lr_scheduler.ReduceLROnPlateau}"
+    with pytest.raises(UserError, match="ReduceLROnPlateau needs a metric"):
+        app.run(make_config([*QUICK, bad]), tmp_path)
 
 
 def test_checkpoint_holds_everything_to_resume(tmp_path: Path) -> None:
