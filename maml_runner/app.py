@@ -79,7 +79,14 @@ def _train(job: Job, run_dir: Path, multirun: bool, tracker, resumed) -> FitResu
     lead = distributed.is_lead()
     saver = (
         checkpoint.Checkpointer(
-            run_dir, job.model, job.optimizer, job.config, tracker.run_id, job.scheduler
+            run_dir,
+            job.model,
+            job.optimizer,
+            job.config,
+            tracker.run_id,
+            job.scheduler,
+            keep_best=job.keep_best,
+            top=resumed.top,
         )
         if lead
         else checkpoint.NullCheckpointer()

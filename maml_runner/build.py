@@ -95,6 +95,14 @@ def _validate_common(cfg: DictConfig) -> None:
     # (keys that a constructor takes are checked there: TaskStream, FixedTasks, MAML, ...)
     _positive(cfg, "trainer.log_every")
     _positive(cfg, "trainer.steps", "trainer.val_every", "trainer.checkpoint_every", minimum=0)
+    _positive(cfg, "trainer.keep_best")
+    _require(
+        cfg.trainer.keep_best == 1 or cfg.trainer.val_every > 0,
+        "trainer.keep_best",
+        cfg.trainer.keep_best,
+        "keeps the best validation steps, and this run never validates (trainer.val_every=0); "
+        "set trainer.val_every > 0 or keep_best=1",
+    )
     _positive(cfg, "inner.eval_steps", minimum=0)
     _positive(cfg, "eval.batch_size")
     tasks = cfg.eval.num_tasks
@@ -483,6 +491,7 @@ def _common(cfg: DictConfig, model: nn.Module) -> dict:
         cadence=_cadence(cfg),
         report=_report(cfg),
         test_checkpoint=cfg.eval.checkpoint,
+        keep_best=cfg.trainer.keep_best,
         resume=cfg.resume or None,
         config=OmegaConf.to_container(cfg, resolve=True),
     )

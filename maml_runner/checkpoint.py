@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import io
+import math
 import os
 import random
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from maml_runner.errors import UserError
 FORMAT_VERSION = 1
 LAST = "last.pt"
 BEST = "best.pt"  # θ at the best validation step
+TOP = "top"  # θ at the trainer.keep_best best validation steps: top/step<S>.pt
 
 
 def rng_state() -> dict[str, Any]:
@@ -165,6 +167,7 @@ class Resumed:
     best: dict | None = None
     run_id: str | None = None  # the W&B run to continue
     path: Path | None = None  # the checkpoint read (None: a fresh start)
+    top: tuple[dict, ...] = ()  # the kept validation checkpoints (``Checkpointer.top``)
 
 
 def resume(
@@ -202,17 +205,31 @@ def resume(
     set_rng_state(state["rng"])
     extra = state["extra"]
     return Resumed(
-        state["step"], extra.get("train_time", 0.0), state["best"], extra.get("wandb_run_id"), path
+        state["step"],
+        extra.get("train_time", 0.0),
+        state["best"],
+        extra.get("wandb_run_id"),
+        path,
+        tuple(extra.get("top", ())),
     )
 
 
+def top_path(folder: Path, step: int) -> Path:
+    """Where the kept validation checkpoint of ``step`` lives (``trainer.keep_best`` > 1)."""
+    return folder / TOP / f"step{step}.pt"
+
+
 class Checkpointer:
-    """Saves ``checkpoints/last.pt`` for the trainer, and ``best.pt`` when validation improves.
+    """Saves ``checkpoints/last.pt`` for the trainer, ``best.pt`` when validation improves and,
+    with ``keep_best`` > 1, the ``keep_best`` best validation steps' θ in ``checkpoints/top/``.
 
     Args:
         run_dir: the run folder; checkpoints go to its ``checkpoints/``.
         config: the resolved config, saved in every checkpoint.
         run_id: the W&B run id, so a resumed run continues the same W&B run.
+        keep_best: validation checkpoints kept for ``maml-run evaluate --ensemble``.
+        top: the kept ones of a resumed run (``Resumed.top``); files of later steps that a
+            killed run left behind are removed.
     """
 
     def __init__(
@@ -223,10 +240,32 @@ class Checkpointer:
         config: dict,
         run_id: str | None,
         scheduler: LRScheduler | None = None,
+        keep_best: int = 1,
+        top: tuple[dict, ...] = (),
     ) -> None:
         self.folder = run_dir / "checkpoints"
         self.model, self.optimizer, self.config, self.run_id = model, optimizer, config, run_id
-        self.scheduler = scheduler
+        self.scheduler, self.keep_best, self.top = scheduler, keep_best, list(top)
+        kept = {top_path(self.folder, r["step"]) for r in self.top}
+        for stale in (self.folder / TOP).glob("step*.pt"):
+            if stale not in kept:
+                _remove(stale)
+
+    def validated(self, step: int, this: dict, maximize: bool, train_time: float) -> None:
+        """Keep θ of ``step`` in ``checkpoints/top/`` if it is among the ``keep_best`` best
+        validation steps so far (a NaN score never is); drop the one it displaces."""
+        if self.keep_best <= 1 or not math.isfinite(this["value"]):
+            return
+        entry = {"value": this["value"], "step": step}
+        sign = -1.0 if maximize else 1.0
+        ranked = sorted([*self.top, entry], key=lambda r: sign * r["value"])  # ties: earlier
+        kept, dropped = ranked[: self.keep_best], ranked[self.keep_best :]
+        if entry not in kept:
+            return
+        self._write(f"{TOP}/step{step}.pt", step, None, train_time)
+        self.top = kept
+        for old in dropped:
+            _remove(top_path(self.folder, old["step"]))
 
     def save(self, step: int, best: dict | None, train_time: float) -> None:
         """``checkpoints/last.pt``: the run at ``step``, to resume from."""
@@ -246,7 +285,7 @@ class Checkpointer:
                 step=step,
                 config=self.config,
                 best=best,
-                extra={"train_time": train_time, "wandb_run_id": self.run_id},
+                extra={"train_time": train_time, "wandb_run_id": self.run_id, "top": self.top},
             )
         except UserError as err:  # say how to go on: resume from last.pt, or start over
             run = self.folder.parent
@@ -261,4 +300,7 @@ class NullCheckpointer:
         pass
 
     def save_best(self, step: int, best: dict, train_time: float) -> None:
+        pass
+
+    def validated(self, step: int, this: dict, maximize: bool, train_time: float) -> None:
         pass

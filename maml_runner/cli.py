@@ -8,6 +8,8 @@ Two forms:
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import json
 import os
 import re
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import yaml
 
 HELP = """\
 Config-driven MAML experiments (Finn, Abbeel & Levine, ICML 2017).
@@ -264,7 +267,6 @@ def known_keys() -> list[str]:
 
 
 def _did_you_mean(key: str) -> str:
-    import difflib
 
     close = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.6)
     return f"; did you mean {close[0]}?" if close else "; maml-run config lists the keys"
@@ -349,20 +351,50 @@ def presets() -> None:
             typer.echo(f"  {group}={option:<28} {_describe(conf / group / f'{option}.yaml')}")
 
 
-@app.command(help="Meta-test a saved run (its folder or a checkpoint) on new or more tasks.")
+# What may change between training and a meta-test (`maml-run evaluate RUN KEY=VALUE ...`):
+# where the data is, the device, the test tasks (K, N, query size, number, seed, chunk) and the
+# adaptation (α, steps). Everything else is the run's own.
+EVALUATE_KEYS = (
+    "data.root",
+    "device",
+    "task.eval_k_shot",
+    "task.n_way",
+    "task.eval_query_size",
+    "inner.lr",
+    "inner.eval_steps",
+    "eval.num_tasks",
+    "eval.seed",
+    "eval.batch_size",
+)
+
+
+@app.command(
+    help="Meta-test a saved run (its folder or a checkpoint) on new or more tasks; "
+    f"KEY=VALUE overrides may set {', '.join(EVALUATE_KEYS)}."
+)
 def evaluate(
     run: Annotated[Path, typer.Argument(help="run folder or checkpoint file")],
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help=f"KEY=VALUE, KEY one of {', '.join(EVALUATE_KEYS)}")
+    ] = None,
     num_tasks: Annotated[int | None, typer.Option(help="tasks (default: the run's)")] = None,
     seed: Annotated[int | None, typer.Option(help="seed of the tasks (default: the run's)")] = None,
     steps: Annotated[
         int | None, typer.Option(help="inner steps (default: inner.eval_steps)")
     ] = None,
     device: Annotated[str | None, typer.Option(help="cpu | cuda | auto")] = None,
+    ensemble: Annotated[
+        int | None,
+        typer.Option(
+            help="also meta-test the K best validation checkpoints as one ensemble (averaged "
+            "predictions; the run must have kept them: trainer.keep_best >= K)"
+        ),
+    ] = None,
 ) -> None:
     from maml_runner.errors import UserError
 
     try:
-        _evaluate(run, num_tasks, seed, steps, device)
+        _evaluate(run, overrides or [], num_tasks, seed, steps, device, ensemble)
     except UserError as err:
         fail(str(err))
 
@@ -377,45 +409,111 @@ def _option_with_target(group: str, target: str) -> str | None:
     return None
 
 
-def _evaluate(run: Path, num_tasks, seed, steps, device) -> None:
+def _evaluation_config(saved, overrides: list[str], options: dict):
+    """The run's config with today's defaults for keys added since, then ``overrides``."""
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
-    from maml_runner import checkpoint
-    from maml_runner.build import build
-    from maml_runner.report import console, print_result
+    from maml_runner.errors import UserError
 
-    path = checkpoint.resolve(run)
-    state = checkpoint.load(path)
-    saved = OmegaConf.create(state["config"])
     # Keys added to the configs since the run default to today's values; the run's own win.
     groups = [f"task={saved.task.name}", f"model={saved.model.name}"]
     outer = _option_with_target("outer", saved.outer._target_)
     if outer is not None:
         groups.append(f"outer={outer}")
     cfg = OmegaConf.merge(compose(groups), saved)
-    updates = {
-        "eval.num_tasks": num_tasks,
-        "eval.seed": seed,
-        "inner.eval_steps": steps,
-        "device": device,
-    }
-    for key, value in updates.items():
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or key not in EVALUATE_KEYS:
+            close = difflib.get_close_matches(key, EVALUATE_KEYS, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise UserError(
+                f"{item}: evaluate takes KEY=VALUE for what may change after training; {hint}"
+                f"(keys: {', '.join(EVALUATE_KEYS)}; the rest is the run's own)"
+            )
+        try:
+            OmegaConf.update(cfg, key, yaml.safe_load(value) if value else None, merge=False)
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
+            reason = str(err).splitlines()[0]
+            raise UserError(f"{item}: not a value for {key} ({reason})") from None
+    for key, value in options.items():
         if value is not None:
             OmegaConf.update(cfg, key, value)
-    cfg.eval.report_steps = [s for s in cfg.eval.report_steps if s <= cfg.inner.eval_steps]
+    return cfg
+
+
+def _evaluate(run: Path, overrides, num_tasks, seed, steps, device, ensemble) -> None:
+    from omegaconf import OmegaConf
+
+    from maml_runner import checkpoint
+    from maml_runner.build import build
+    from maml_runner.errors import UserError
+    from maml_runner.job import Tested
+    from maml_runner.report import console, print_result
+
+    path = checkpoint.resolve(run)
+    state = checkpoint.load(path)
+    saved = OmegaConf.create(state["config"])
+    best = path.parent / checkpoint.BEST
+    if run.is_dir() and saved.eval.get("checkpoint") == "best" and best.is_file():
+        # a run folder: the θ its own meta-test tested (eval.checkpoint=best)
+        path, state = best, checkpoint.load(best)
+        console.print(f"evaluating {path} (the best validation step, {state['step']})")
+    options = {"eval.num_tasks": num_tasks, "eval.seed": seed, "inner.eval_steps": steps}
+    cfg = _evaluation_config(saved, overrides, {**options, "device": device})
+    members = _ensemble_members(path, ensemble) if ensemble is not None else []
+    computed = list(range(cfg.inner.eval_steps + 1))  # every step it computes is printed
+    cfg.eval.report_steps = computed
     with build(cfg) as job:
         checkpoint.check_model(job.model, state, str(run))
-        job.model.load_state_dict(state["model"])
+        job.load(state)
         tested = job.meta_test(baselines=False)
-    print_result(tested, list(cfg.eval.report_steps), cfg.paper)
-    out = path.parent / f"eval_step{state['step']}_seed{cfg.eval.seed}_n{cfg.eval.num_tasks}.json"
-    out.write_text(
-        json.dumps(
-            {"checkpoint": str(path), "step": state["step"], "meta_test": tested.result.to_dict()},
-            indent=2,
-        )
-    )
+        print_result(tested, computed, cfg.paper)
+        record = {"checkpoint": str(path), "step": state["step"]}
+        record["meta_test"] = tested.result.to_dict()
+        if members:
+            states = [checkpoint.load(p) for p in members]
+            steps_of = [s["step"] for s in states]
+            for p, member in zip(members, states):
+                checkpoint.check_model(job.model, member, str(p))
+            ensembled = job.meta_test_ensemble(states)
+            console.print(f"ensemble of the {len(states)} best validation steps {steps_of}:")
+            print_result(Tested(ensembled), computed, None)
+            record["ensemble"] = {"steps": steps_of, "meta_test": ensembled.to_dict()}
+    if overrides:
+        record["overrides"] = list(overrides)
+    name = f"eval_step{state['step']}_seed{cfg.eval.seed}_n{cfg.eval.num_tasks}"
+    if overrides or ensemble:
+        digest = hashlib.sha1(json.dumps([overrides, ensemble]).encode()).hexdigest()[:8]
+        name += f"_{digest}"
+    out = path.parent / f"{name}.json"
+    try:
+        out.write_text(json.dumps(record, indent=2))
+    except OSError as err:
+        raise UserError(
+            f"cannot write {out} ({err.strerror or err}); the table above stands"
+        ) from None
     console.print(f"wrote {out}")
+
+
+def _ensemble_members(path: Path, size: int) -> list[Path]:
+    """The ``size`` best validation checkpoints kept beside ``path`` (``checkpoints/top/``)."""
+    from maml_runner import checkpoint
+    from maml_runner.errors import UserError
+
+    folder = path.parent if path.parent.name != checkpoint.TOP else path.parent.parent
+    last = folder / checkpoint.LAST
+    top = checkpoint.load(last)["extra"].get("top", []) if last.is_file() else []
+    if size < 1 or size > len(top):
+        raise UserError(
+            f"--ensemble {size}: {folder.parent} kept {len(top)} validation checkpoints "
+            f"(trainer.keep_best); give 1 <= K <= {len(top)}, or train with "
+            f"trainer.keep_best >= {size}"
+            if top
+            else f"--ensemble {size}: {folder.parent} kept no validation checkpoints; train "
+            f"with trainer.keep_best >= {size} (and validation on)"
+        )
+    return [checkpoint.top_path(folder, r["step"]) for r in top[:size]]
 
 
 def finished_runs(paths: list[Path]):
@@ -515,8 +613,6 @@ def main() -> None:
     """Console-script entry: bare overrides (or nothing) mean ``train``."""
     args = sys.argv[1:]
     if args and "=" not in args[0] and not args[0].startswith("-") and args[0] not in COMMANDS:
-        import difflib
-
         close = difflib.get_close_matches(args[0], COMMANDS, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         typer.echo(

@@ -39,6 +39,7 @@ class TrainerConfig:
     val_tasks: int = MISSING
     val_seed: int = MISSING
     checkpoint_every: int = MISSING
+    keep_best: int = MISSING
     log_every: int = MISSING
     progress: bool = MISSING
     num_threads: Any = MISSING

@@ -8,6 +8,7 @@ References:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -98,3 +99,40 @@ def meta_test(learner: Adapts, params: Params, tasks: FixedTasks, *, steps: int)
     chunks = [adaptation_curve(learner, params, batch, steps=steps) for batch in tasks.batches()]
     # [steps+1, num_tasks] per quantity, named as reported: query_loss, query_acc
     return EvalResult.of({f"query_{n}": torch.cat([c[n] for c in chunks], 1) for n in chunks[0]})
+
+
+@torch.no_grad()
+def ensemble_test(
+    learner: Adapts,
+    params: Params,
+    tasks: FixedTasks,
+    members: Sequence[Callable[[], None]],
+    *,
+    steps: int,
+) -> EvalResult:
+    """Meta-test an ensemble: each member (``load()`` puts its θ into ``params``) adapts to every
+    task on its own, and the members' query predictions (logits, or regression outputs) are
+    averaged at each inner step before the metrics are taken.
+
+    References:
+        Antoniou, Edwards & Storkey (2019), How to train your MAML, ICLR, arXiv:1810.09502,
+        §4: the test predictions of the top-5 validation models are ensembled.
+    """
+    task_loss = learner.task_loss
+    total: list[torch.Tensor] = []  # per chunk of tasks: [steps+1, T, Q, ...], summed over members
+    for load in members:
+        load()
+        for i, batch in enumerate(tasks.batches()):
+            pred = torch.stack([p(batch.query_x) for p in learner.adaptation(params, batch, steps)])
+            if i < len(total):
+                total[i] += pred
+            else:
+                total.append(pred)
+    rows: dict[str, list[torch.Tensor]] = {"loss": []}
+    rows.update({name: [] for name in task_loss.metrics})
+    for summed, batch in zip(total, tasks.batches()):
+        mean = summed / len(members)
+        rows["loss"].append(torch.stack([task_loss.loss(m, batch.query_y) for m in mean]))
+        for name, fn in task_loss.metrics.items():
+            rows[name].append(torch.stack([fn(m, batch.query_y) for m in mean]))
+    return EvalResult.of({f"query_{n}": torch.cat(v, 1) for n, v in rows.items()})

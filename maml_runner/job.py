@@ -10,6 +10,7 @@ config.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,8 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from maml_runner import checkpoint, plots
-from maml_runner.evaluation import EvalResult, meta_test
+from maml_runner.errors import UserError
+from maml_runner.evaluation import EvalResult, ensemble_test, meta_test
 from maml_runner.maml import predictions_after
 from maml_runner.maml.functional import Params
 from maml_runner.tasks import FixedTasks
@@ -92,6 +94,7 @@ class Job:
     validation: Validation | None
     report: Report
     test_checkpoint: str  # best | last: the θ the meta-test uses when validation ran
+    keep_best: int  # validation checkpoints kept (checkpoints/top/) for an ensemble meta-test
     resume: str | None  # run folder or checkpoint to continue from
     config: dict  # the resolved config: saved in checkpoints, logged to W&B
     device: torch.device
@@ -108,12 +111,23 @@ class Job:
         if self.test_checkpoint == "best" and best is not None:
             if best["step"] != fitted.step:
                 path = folder / "checkpoints" / checkpoint.BEST
-                self.model.load_state_dict(checkpoint.load(path, self.device)["model"])
+                self.load(checkpoint.load(path, self.device))
             return Selection("best", best["step"], sign * best["value"], val.key)
         return Selection("last", fitted.step, sign * last["value"], val.key)
 
+    def load(self, state: dict) -> None:
+        """Put a checkpoint's meta-parameters into the job (its model must match)."""
+        self.model.load_state_dict(state["model"])
+
     def meta_test(self, baselines: bool = True) -> Tested:
         raise NotImplementedError
+
+    def meta_test_ensemble(self, states: list[dict]) -> EvalResult:
+        """The meta-test of the checkpoints ``states`` as one ensemble (averaged predictions)."""
+        raise UserError(
+            f"--ensemble: {type(self).__name__} runs have no ensemble meta-test "
+            f"(it averages classifier or regressor predictions); leave --ensemble out"
+        )
 
     def plots(self, tested: Tested, folder: Path) -> dict[str, Path]:
         raise NotImplementedError
@@ -154,6 +168,14 @@ class SupervisedJob(Job):
     def meta_test(self, baselines: bool = True) -> Tested:
         """The paper's protocol on the test tasks (query metrics after 0..eval_steps steps)."""
         return Tested(self._evaluate(self.test_tasks))
+
+    def meta_test_ensemble(self, states: list[dict]) -> EvalResult:
+        """The test tasks' metrics of the members' averaged predictions (the MAML++ protocol);
+        the model holds the last member's θ afterwards."""
+        members = [functools.partial(self.load, state) for state in states]
+        return ensemble_test(
+            self.learner, self.params, self.test_tasks, members, steps=self.eval_steps
+        )
 
     def plots(self, tested: Tested, folder: Path) -> dict[str, Path]:
         images = {

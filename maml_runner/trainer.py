@@ -155,6 +155,8 @@ class Saver(Protocol):
 
     def save_best(self, step: int, best: dict, train_time: float) -> None: ...
 
+    def validated(self, step: int, this: dict, maximize: bool, train_time: float) -> None: ...
+
 
 @dataclass(frozen=True)
 class Cadence:
@@ -327,6 +329,7 @@ def fit(
                 best, last_validation = _validate(validation, step, best, tracker, console)
                 if best is not None and best["step"] == step:  # θ now is the best so far
                     checkpointer.save_best(step, best, elapsed())
+                checkpointer.validated(step, last_validation, validation.maximize, elapsed())
             if checkpoint_every and step % checkpoint_every == 0 and step < steps:
                 save()
             if stop(bool(received)) if stop is not None else received:

@@ -28,6 +28,9 @@ class Recorder:
     def save_best(self, step: int, best: dict, train_time: float) -> None:
         self.best.append(step)
 
+    def validated(self, step: int, this: dict, maximize: bool, train_time: float) -> None:
+        pass
+
 
 class History:
     def __init__(self) -> None:
@@ -152,3 +155,140 @@ def test_meaningless_statistics_are_refused(tmp_path: Path, args: list[str], mes
     assert proc.returncode == 2 and message in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not list(tmp_path.rglob("metrics.json"))
+
+
+# ------------------------------------------------------------- evaluate: overrides and ensembles
+
+
+def test_ensemble_averages_the_members_adapted_predictions() -> None:
+    """Each member adapts on its own (plain SGD here); the query predictions are averaged at
+    every step before the loss: checked against a per-task loop written out by hand."""
+    from torch.func import functional_call
+
+    from maml_runner.evaluation import ensemble_test
+    from maml_runner.maml import MAML, regression_loss
+    from maml_runner.models import MLP
+    from maml_runner.tasks import FixedTasks, Sinusoid
+
+    torch.manual_seed(0)
+    model = MLP(1, 1, hidden=(8,))
+    thetas = [{n: torch.randn_like(p) * 0.5 for n, p in model.named_parameters()} for _ in "ab"]
+    params = dict(model.named_parameters())
+    cpu = torch.device("cpu")
+    tasks = FixedTasks(Sinusoid(), num_tasks=6, k_shot=5, query_size=7, seed=3, device=cpu, chunk=4)
+    learner = MAML(model, regression_loss(), inner_lr=0.05, inner_steps=1)
+
+    def load(theta: dict) -> None:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(theta[n])
+
+    members = [lambda t=t: load(t) for t in thetas]
+    batches = list(tasks.batches())
+    result = ensemble_test(learner, params, tasks, members, steps=2)
+
+    expected = []
+    for batch in tasks.batches():
+        for i in range(batch.num_tasks):
+            sx, sy = batch.support_x[i], batch.support_y[i]
+            qx, qy = batch.query_x[i], batch.query_y[i]
+            preds = [[], [], []]
+            for theta in thetas:
+                w = {n: v.clone().requires_grad_() for n, v in theta.items()}
+                for s in range(3):
+                    preds[s].append(functional_call(model, w, (qx,)).detach())
+                    loss = ((functional_call(model, w, (sx,)) - sy) ** 2).mean()
+                    grads = torch.autograd.grad(loss, list(w.values()))
+                    w = {
+                        n: (v - 0.05 * g).detach().requires_grad_()
+                        for (n, v), g in zip(w.items(), grads)
+                    }
+            expected.append([((sum(p) / 2 - qy) ** 2).mean().item() for p in preds])
+    expected = torch.tensor(expected).mean(0).tolist()
+    assert result.num_tasks == 6 and len(batches) == 2
+    assert result.mean["query_loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def _kept(run: Path) -> list[int]:
+    return sorted(int(p.stem[4:]) for p in (run / "checkpoints" / "top").glob("step*.pt"))
+
+
+def test_keep_best_keeps_the_top_validation_steps_and_resumes_them(tmp_path: Path) -> None:
+    common = [*QUICK, "trainer.val_every=10", "trainer.keep_best=2", "trainer.checkpoint_every=20"]
+    whole, half = tmp_path / "whole", tmp_path / "half"
+    app.run(make_config([*common, "trainer.steps=60"]), whole)
+    values = {
+        r["step"]: r["meta_val/query_loss"] for r in _history(whole) if "meta_val/query_loss" in r
+    }
+    best_two = sorted(sorted(values, key=values.get)[:2])
+    assert _kept(whole) == best_two
+    top = checkpoint.load(whole / "checkpoints" / "last.pt")["extra"]["top"]
+    assert [r["step"] for r in top] == sorted(values, key=values.get)[:2]
+    for r in top:  # each kept file holds θ of its step
+        assert (
+            checkpoint.load(whole / "checkpoints" / "top" / f"step{r['step']}.pt")["step"]
+            == r["step"]
+        )
+
+    app.run(make_config([*common, "trainer.steps=40"]), half)
+    # a killed run's later validation file is not one of the resumed run's
+    (half / "checkpoints" / "top" / "step50.pt").write_bytes(b"stale")
+    app.run(make_config([*common, "trainer.steps=60", f"resume={half}"]), half)
+    assert _kept(half) == best_two
+    assert (
+        checkpoint.load(half / "checkpoints" / "top" / f"step{best_two[-1]}.pt")["step"]
+        == best_two[-1]
+    )
+
+
+def _history(run: Path) -> list[dict]:
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_keep_best_without_validation_is_refused(tmp_path: Path) -> None:
+    from maml_runner.errors import UserError
+
+    with pytest.raises(UserError, match="trainer.keep_best=3: keeps the best validation steps"):
+        app.run(make_config([*QUICK, "trainer.val_every=0", "trainer.keep_best=3"]), tmp_path)
+
+
+def test_evaluate_takes_overrides_prints_every_step_and_ensembles(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = [*QUICK, "trainer.val_every=10", "trainer.keep_best=3", "eval.num_tasks=20"]
+    maml_run([*args, f"hydra.run.dir={run}"], cwd=tmp_path)
+    metrics = read_metrics(run)
+
+    # a run folder is evaluated at the θ its own meta-test used (best.pt): the same numbers
+    out = maml_run(["evaluate", str(run), "--ensemble", "1"], cwd=tmp_path).stdout
+    assert "best validation step" in out
+    [plain] = (run / "checkpoints").glob("eval_step*.json")
+    record = json.loads(plain.read_text())
+    assert record["meta_test"]["query_loss"] == metrics["meta_test"]["query_loss"]
+    # an ensemble of the single best member is that member
+    assert record["ensemble"]["meta_test"]["query_loss"] == metrics["meta_test"]["query_loss"]
+
+    out = maml_run(
+        ["evaluate", str(run), "inner.lr=0.02", "inner.eval_steps=3", "task.eval_k_shot=10",
+         "eval.num_tasks=15", "--ensemble", "3"], cwd=tmp_path,
+    ).stdout  # fmt: skip
+    for step in range(4):  # every computed step is printed, not only eval.report_steps
+        assert f"│ {step:>11} │" in out
+    [new] = set((run / "checkpoints").glob("eval_step*.json")) - {plain}
+    record = json.loads(new.read_text())
+    assert record["overrides"] == [
+        "inner.lr=0.02", "inner.eval_steps=3", "task.eval_k_shot=10", "eval.num_tasks=15"
+    ]  # fmt: skip
+    assert record["meta_test"]["num_tasks"] == 15 and len(record["meta_test"]["inner_steps"]) == 4
+    assert len(record["ensemble"]["steps"]) == 3
+    assert record["ensemble"]["meta_test"]["query_loss"] != record["meta_test"]["query_loss"]
+
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    for bad, message in [
+        (["trainer.steps=5"], "trainer.steps=5: evaluate takes KEY=VALUE"),
+        (["inner.lr=abc"], "inner.lr=abc: not a value for inner.lr"),
+        (["--ensemble", "4"], "--ensemble 4: "),
+    ]:
+        proc = maml_run(["evaluate", str(run), *bad], cwd=tmp_path, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
