@@ -27,6 +27,7 @@ from maml_runner import distributed
 from maml_runner.errors import InvalidArgument, UserError
 from maml_runner.job import Job, Report, SupervisedJob
 from maml_runner.maml import MAML, Pretrain, TaskLoss
+from maml_runner.maml.core import check_inner
 from maml_runner.maml.engine import engine_for
 from maml_runner.models import MLP, Conv4
 from maml_runner.tasks import FixedTasks, Sinusoid, TaskStream
@@ -104,6 +105,10 @@ def _validate_common(cfg: DictConfig) -> None:
         "set trainer.val_every > 0 or keep_best=1",
     )
     _positive(cfg, "inner.eval_steps", minimum=0)
+    # checked again where they are used, and here so that a sweep refuses before its first job
+    with _keys("inner", inner_lr="inner.lr", inner_steps="inner.steps"):
+        check_inner(cfg.inner.lr, cfg.inner.steps)
+    _positive(cfg, "trainer.meta_batch_size", "trainer.val_tasks", "eval.num_tasks")
     _positive(cfg, "eval.batch_size")
     tasks = cfg.eval.num_tasks
     _require(

@@ -8,12 +8,14 @@ Two forms:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -55,10 +57,32 @@ PLUGINS = {
 INSTALL_SWEEPS = "pip install 'maml-runner[sweeps]'"
 
 
+class Refusal(typer.Exit):
+    """A one-line refusal (exit 2); ``message`` is what ``fail`` prints."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(2)
+        self.message = message
+
+
+_QUIET: list[bool] = []  # inside ``_collecting()``: ``fail`` raises without printing
+
+
 def fail(message: str) -> None:
     """Print a one-line error and exit with status 2."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    if not _QUIET:
+        typer.echo(f"error: {message}", err=True)
+    raise Refusal(message)
+
+
+@contextlib.contextmanager
+def _collecting() -> Iterator[None]:
+    """Let ``fail`` raise its ``Refusal`` silently, for a caller that words the line itself."""
+    _QUIET.append(True)
+    try:
+        yield
+    finally:
+        _QUIET.pop()
 
 
 def _conf_dir() -> Path:
@@ -186,6 +210,8 @@ def train(ctx: typer.Context) -> None:
     cfg = None
     if all(f in ("-m", "--multirun") for f in flags):  # Hydra's --cfg/--info print and exit
         cfg = check_overrides(overrides, multirun=bool(flags))
+        if flags:
+            check_sweep_jobs(overrides, cfg)
     overrides = resume_overrides(overrides)
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if torchrun:
@@ -316,6 +342,59 @@ def check_overrides(overrides: list[str], multirun: bool):
         if not isinstance(value, int) or isinstance(value, bool):
             fail(f"{knob}={value}: {meaning} must be an integer")
     return cfg
+
+
+BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
+
+
+def check_sweep_jobs(overrides: list[str], cfg) -> None:
+    """Compose and validate every job of a multirun before Hydra launches the first.
+
+    The jobs are the basic sweeper's (the preset's ``hydra.sweeper.params``, then the command
+    line's sweeps, as a product); a sampling sweeper (Optuna) draws its jobs as it goes, so its
+    base config alone is checked. One line names the first invalid job and how many there are.
+    """
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+    from omegaconf import OmegaConf
+
+    from maml_runner.build import validate
+    from maml_runner.errors import UserError
+
+    if cfg.hydra.sweeper._target_ != BASIC_SWEEPER:
+        return
+    params = cfg.hydra.sweeper.params
+    params = OmegaConf.to_container(params) if params is not None else {}
+    arguments = [f"{k}={v}" for k, v in params.items()]
+    arguments += [o for o in overrides if not o.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(arguments)
+        [jobs] = BasicSweeper.split_arguments(parsed, None)
+    except HydraException as exc:
+        fail(f"the sweep: {str(exc).splitlines()[0]}")
+    invalid = []
+    for number, job in enumerate(jobs):
+        try:
+            with _collecting():
+                job_cfg = check_overrides(job, multirun=False)
+                validate(job_cfg)
+        except Refusal as refusal:
+            invalid.append((number, job, refusal.message))
+        except UserError as err:
+            invalid.append((number, job, str(err)))
+    if invalid:
+        number, job, message = invalid[0]
+        swept = " ".join(o for o in job if o.partition("=")[0] in _swept_keys(parsed))
+        others = f" (and {len(invalid) - 1} more)" if len(invalid) > 1 else ""
+        fail(
+            f"job {number} of the sweep's {len(jobs)} ({swept or 'its base config'}) is "
+            f"invalid{others}, so none was launched: {message}"
+        )
+
+
+def _swept_keys(parsed) -> set[str]:
+    return {o.get_key_element() for o in parsed if o.is_sweep_override()}
 
 
 @app.command("config", help="Print the composed config for the given overrides, resolved.")

@@ -15,7 +15,8 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from maml_runner.data.archives import atomic_file
+from maml_runner.data.archives import atomic_file, os_reason, warn
+from maml_runner.errors import UserError
 from maml_runner.evaluation import EvalResult
 from maml_runner.job import Job, Selection, Tested
 from maml_runner.results import is_percent, paper_cell
@@ -125,10 +126,21 @@ def finish(
     """Print the table; write metrics.json, the W&B summary and the plots; say where they are."""
     print_result(tested, job.report.report_steps, job.report.paper)
     console.print(describe(selected))
-    images = job.plots(tested, run_dir)
     data = metrics(job, tested, fitted, selected)
-    with atomic_file(run_dir / METRICS) as f:  # a killed run leaves no half-written file
-        f.write(json.dumps(data, indent=2).encode())
+    try:  # the results first: a plot that cannot be written must not cost them
+        with atomic_file(run_dir / METRICS) as f:  # a killed run leaves no half-written file
+            f.write(json.dumps(data, indent=2).encode())
+    except OSError as err:
+        raise UserError(
+            f"{os_reason(err, run_dir)} while writing {run_dir / METRICS}; the table above is the "
+            f"result and checkpoints/ holds θ: free some space, then maml-run evaluate {run_dir}"
+        ) from None
     summarise(tracker, tested.result, fitted.step)
+    try:
+        images = job.plots(tested, run_dir)
+    except OSError as err:
+        warn(f"cannot write the plots to {run_dir} ({os_reason(err, run_dir)}); metrics.json is "
+             f"written")  # fmt: skip
+        images = {}
     tracker.log_images(images, fitted.step)
     console.print(f"run folder: {run_dir} (metrics.json, adaptation.png, checkpoints/)")

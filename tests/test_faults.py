@@ -124,6 +124,24 @@ def test_full_disk_on_dev_full(tmp_path: Path) -> None:
     assert last.read_bytes() == before and not tmp.is_symlink()
 
 
+def test_a_plot_that_cannot_be_written_costs_no_results(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """adaptation.png on a full disk (a link to /dev/full): metrics.json is written, the plot
+    failure is one warning line, and the run finishes."""
+    if not Path("/dev/full").exists() or not stat.S_ISCHR(os.stat("/dev/full").st_mode):
+        pytest.skip("no /dev/full character device here")
+    from maml_runner import app
+    from tests.helpers import make_config
+
+    (tmp_path / "adaptation.png").symlink_to("/dev/full")
+    app.run(make_config(QUICK), tmp_path)
+    assert read_metrics(tmp_path)["meta_test"]["query_loss"]["mean"]
+    assert (
+        f"warning: cannot write the plots to {tmp_path} (no space left" in capsys.readouterr().err
+    )
+
+
 def test_checkpoint_round_trip_after_the_change(tmp_path: Path) -> None:
     """The in-memory serialisation writes the same loadable checkpoint as before."""
     path = _save(tmp_path / "c" / checkpoint.BEST, 3, step=7)

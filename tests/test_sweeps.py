@@ -146,3 +146,30 @@ def test_sweep_results_mean_and_ci_over_seeds_per_setting(tmp_path: Path) -> Non
     assert float(rows[1]["query_loss_step0_mean"]) == pytest.approx(3.1)
     text = table.read_text()
     assert "| inner.lr=0.1 | 0 1 2 | 2.100 ± 0.248 |" in text and text in result.output + "\n"
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        (["k=5,0,10"], "job 1 of the sweep's 3 (k=0) is invalid, so none was launched: k=0: "),
+        (
+            ["seed=1,2", "trainer.meta_batch_size=4,abc"],
+            "job 1 of the sweep's 4 (seed=1 trainer.meta_batch_size=abc) is invalid (and 1 "
+            "more), so none was launched: trainer.meta_batch_size=abc: must be an integer",
+        ),
+        (
+            ["table=finn17_sinusoid", "inner.lr=0.01,-1"],
+            "is invalid (and 5 more), so none was launched: inner.lr=-1",
+        ),
+    ],
+)
+def test_a_sweep_validates_every_job_before_launching_one(
+    tmp_path: Path, sweep: list[str], message: str
+) -> None:
+    proc = maml_run(
+        ["-m", *sweep, "trainer.steps=2", "logger.mode=disabled"], cwd=tmp_path, check=False
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert message in proc.stderr, proc.stderr
+    assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()

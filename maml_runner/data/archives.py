@@ -95,7 +95,7 @@ def write_cache(path: Path, state: dict, fmt: int) -> bool:
         with atomic_file(path) as f:
             torch.save({**state, "format": fmt}, f)
     except (OSError, RuntimeError) as e:  # RuntimeError: torch's writer on a failed write
-        reason = _reason(e, known=path.parent)
+        reason = os_reason(e, known=path.parent)
         warn(f"cannot write the decoded cache to {path.parent} ({reason}); continuing without it")
         return False
     return True
@@ -106,7 +106,7 @@ def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr, flush=True)
 
 
-def _reason(err: BaseException, known: Path) -> str:
+def os_reason(err: BaseException, known: Path) -> str:
     """The errno text of the ``OSError`` behind ``err`` (torch hides it), else its first line;
     the file the error names is added unless it is ``known`` or in it (the message names it)."""
     seen: BaseException | None = err
