@@ -29,7 +29,7 @@ from maml_runner.job import Job, Report, SupervisedJob
 from maml_runner.maml import MAML, Pretrain, TaskLoss
 from maml_runner.maml.core import check_inner
 from maml_runner.maml.engine import engine_for
-from maml_runner.models import MLP, Conv4
+from maml_runner.models import MLP, Conv4, ResNet12
 from maml_runner.tasks import FixedTasks, Sinusoid, TaskStream
 from maml_runner.tasks.base import TaskFamily
 from maml_runner.tasks.classification import ImageClasses
@@ -327,10 +327,24 @@ def _model(model: DictConfig, family: TaskFamily) -> nn.Module:
             blocks=model.blocks,
             downsample=model.downsample,
             head=model.head,
+            norm=model.norm,
+            norm_groups=model.norm_groups,
+        )
+    elif model.name == "resnet12":
+        if len(shape) != 3:
+            raise UserError(f"model=resnet12: needs image tasks, but the task's inputs are {shape}")
+        return ResNet12(
+            in_channels=shape[0],
+            image_size=shape[1],
+            num_classes=outputs,
+            widths=list(model.widths),
+            norm=model.norm,
+            norm_groups=model.norm_groups,
+            dropout=model.dropout,
         )
     elif model.name == "custom":
         return _custom_model(model, list(shape), outputs)
-    raise UserError(f"model.name={model.name}: choose one of mlp, conv4, custom")
+    raise UserError(f"model.name={model.name}: choose one of mlp, conv4, resnet12, custom")
 
 
 TASK_ARGUMENTS = ("input_shape", "num_outputs")

@@ -91,18 +91,95 @@ def _conf_dir() -> Path:
     return conf_dir()
 
 
-def group_options(conf: Path) -> dict[str, list[str]]:
-    """Every config group (a folder of conf/) and its options (the YAML files in it)."""
-    return {
-        d.name: sorted(p.stem for p in d.glob("*.yaml"))
-        for d in sorted(conf.iterdir())
-        if d.is_dir() and d.name not in GROUPS_WITHOUT_FILES
-    }
+def group_options(*confs: Path) -> dict[str, list[str]]:
+    """Every config group (a folder of each conf) and its options (the YAML files in it).
+
+    With several folders (the package's ``conf/`` and those of ``hydra.searchpath``) a group's
+    options are the union of theirs, as Hydra composes them.
+    """
+    groups: dict[str, set[str]] = {}
+    for conf in confs:
+        for d in sorted(conf.iterdir()):
+            if d.is_dir() and d.name not in GROUPS_WITHOUT_FILES:
+                groups.setdefault(d.name, set()).update(p.stem for p in d.glob("*.yaml"))
+    return {name: sorted(options) for name, options in sorted(groups.items())}
+
+
+SEARCHPATH_KEYS = ("hydra.searchpath", "+hydra.searchpath", "++hydra.searchpath")
+
+
+def searchpath_dirs(overrides: list[str]) -> list[Path]:
+    """The folders that ``hydra.searchpath=[...]`` among ``overrides`` adds, in order.
+
+    ``file://DIR`` (or a bare ``DIR``) is a folder, relative to the working directory as Hydra
+    reads it; ``pkg://a.b`` is the folder of the importable package ``a.b``. One that does not
+    exist is refused in one line: Hydra itself would skip it and then not find its options.
+    """
+    items = [o for o in overrides if o.split("=", 1)[0] in SEARCHPATH_KEYS]
+    if not items:
+        return []
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        value = OverridesParser.create().parse_override(items[-1]).value()
+    except HydraException as exc:
+        fail(f"{items[-1]}: {str(exc).splitlines()[0]}; write hydra.searchpath=[file://DIR,...]")
+    entries = value if isinstance(value, list) else [value]
+    dirs = []
+    for entry in entries:
+        scheme, sep, where = str(entry).partition("://")
+        scheme, where = (scheme, where) if sep else ("file", str(entry))
+        if scheme == "file":
+            folder = Path(where).expanduser()
+            if not folder.is_dir():
+                fail(
+                    f"hydra.searchpath={entry}: no such folder ({folder.resolve()}); give "
+                    f"file://DIR of an existing folder holding config groups (DIR/model/*.yaml)"
+                )
+        elif scheme == "pkg":
+            folder = _package_folder(entry, where)
+        else:
+            fail(f"hydra.searchpath={entry}: unknown scheme {scheme}://; use file:// or pkg://")
+        dirs.append(folder)
+    return dirs
+
+
+def _package_folder(entry: object, module: str) -> Path:
+    """The folder of the importable package ``module`` (for ``pkg://module``), or exit 2."""
+    from importlib.util import find_spec
+
+    try:
+        spec = find_spec(module.replace("/", "."))
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if not locations:
+        fail(f"hydra.searchpath={entry}: no importable package {module}; check its name")
+    return Path(locations[0])
+
+
+def config_dirs(overrides: list[str]) -> list[Path]:
+    """The package's ``conf/`` and the ``hydra.searchpath`` folders the overrides name."""
+    return [_conf_dir(), *searchpath_dirs(overrides)]
+
+
+def option_file(group: str, option: str, dirs: list[Path]) -> Path | None:
+    """The YAML file of ``group=option`` (the last folder that has it, as Hydra), or None."""
+    found = [d / group / f"{option}.yaml" for d in dirs if (d / group / f"{option}.yaml").is_file()]
+    return found[-1] if found else None
 
 
 def check_group_choices(overrides: list[str]) -> None:
-    """Reject ``task=foo`` before Hydra starts, listing the choices, in one line."""
-    groups = group_options(_conf_dir())
+    """Reject ``task=foo`` before Hydra starts, with a "did you mean" and the choices, in one line.
+
+    The options are those of the package's ``conf/`` and of the folders ``hydra.searchpath``
+    adds (``maml-run 'hydra.searchpath=[file://./myconf]' model=mynet``).
+    """
+    import difflib
+
+    dirs = config_dirs(overrides)
+    groups = group_options(*dirs)
     for item in overrides:
         if "=" not in item or item.startswith("-"):
             continue
@@ -112,11 +189,13 @@ def check_group_choices(overrides: list[str]) -> None:
             continue
         for choice in value.split(","):
             if choice not in groups[key]:
-                fail(f"{key}={choice}: unknown {key}; choose one of {', '.join(groups[key])}")
-    check_plugins(overrides)
+                close = difflib.get_close_matches(choice, groups[key], n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                fail(f"{key}={choice}: unknown {key}{hint}; choose one of {', '.join(groups[key])}")
+    check_plugins(overrides, dirs)
 
 
-def missing_plugin(key: str, value: str) -> str | None:
+def missing_plugin(key: str, value: str, dirs: list[Path] | None = None) -> str | None:
     """The Hydra plugin that override ``key=value`` needs and this environment lacks, or None.
 
     ``hydra/launcher=joblib`` names one directly; an option of ``conf/`` (``launcher=joblib``,
@@ -127,8 +206,8 @@ def missing_plugin(key: str, value: str) -> str | None:
     if key in ("hydra/launcher", "hydra/sweeper"):
         names = [value]
     else:
-        path = _conf_dir() / key / f"{value}.yaml"
-        text = path.read_text() if path.is_file() else ""
+        path = option_file(key, value, dirs or [_conf_dir()])
+        text = path.read_text() if path is not None else ""
         names = re.findall(r"override /hydra/(?:launcher|sweeper): *(\w+)", text)
     for name in names:
         if name in PLUGINS and find_spec(f"hydra_plugins.{PLUGINS[name]}") is None:
@@ -136,14 +215,14 @@ def missing_plugin(key: str, value: str) -> str | None:
     return None
 
 
-def check_plugins(overrides: list[str]) -> None:
+def check_plugins(overrides: list[str], dirs: list[Path] | None = None) -> None:
     """``launcher=joblib`` without the joblib plugin installed: one line with the pip command."""
     for item in overrides:
         if "=" not in item or item.startswith("-"):
             continue
         key, value = item.split("=", 1)
         for choice in value.split(","):
-            package = missing_plugin(key.lstrip("+~"), choice)
+            package = missing_plugin(key.lstrip("+~"), choice, dirs)
             if package:
                 fail(f"{key}={choice} needs the Hydra plugin {package}: {INSTALL_SWEEPS}")
 
@@ -178,7 +257,37 @@ def resume_overrides(overrides: list[str]) -> list[str]:
         if any(o.startswith("hydra.run.dir=") for o in overrides)
         else [f"hydra.run.dir={run_dir}"]
     )
+    # hydra.searchpath is a Hydra override (.hydra/hydra.yaml), not among the run's own: the
+    # run's options from a user's config folder (model=mynet) need it back.
+    searchpath = run_dir / ".hydra" / "hydra.yaml"
+    if searchpath.is_file() and not any(o.split("=", 1)[0] in SEARCHPATH_KEYS for o in overrides):
+        from omegaconf import OmegaConf
+
+        saved_hydra = OmegaConf.select(OmegaConf.load(searchpath), "hydra.overrides.hydra") or []
+        extra += [o for o in saved_hydra if o.split("=", 1)[0] in SEARCHPATH_KEYS][-1:]
     return [*original, *overrides, *extra]
+
+
+def absolute_searchpath(overrides: list[str]) -> list[str]:
+    """``hydra.searchpath`` with its ``file://`` folders made absolute (as checked, from here).
+
+    The run's ``.hydra/hydra.yaml`` then names folders that a resume from elsewhere finds.
+    """
+    dirs = iter(searchpath_dirs(overrides))
+    items = [o for o in overrides if o.split("=", 1)[0] in SEARCHPATH_KEYS]
+    if not items:
+        return overrides
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_override(items[-1])
+    entries = parsed.value() if isinstance(parsed.value(), list) else [parsed.value()]
+    absolute = []
+    for entry, folder in zip(entries, dirs, strict=True):
+        pkg = str(entry).startswith("pkg://")
+        absolute.append(str(entry) if pkg else f"file://{folder.resolve()}")
+    key = items[-1].split("=", 1)[0]
+    rewritten = f"{key}=[{','.join(absolute)}]"
+    return [rewritten if o is items[-1] else o for o in overrides]
 
 
 def torchrun_overrides(overrides: list[str]) -> list[str]:
@@ -212,7 +321,7 @@ def train(ctx: typer.Context) -> None:
         cfg = check_overrides(overrides, multirun=bool(flags))
         if flags:
             check_sweep_jobs(overrides, cfg)
-    overrides = resume_overrides(overrides)
+    overrides = absolute_searchpath(resume_overrides(overrides))
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if torchrun:
         overrides = torchrun_overrides(overrides)
@@ -320,7 +429,7 @@ def check_overrides(overrides: list[str], multirun: bool):
             item = f"{key}={value.split(',')[0]}"
         plain.append(item)
     cfg = compose(plain, hydra=True)
-    groups = set(group_options(_conf_dir()))
+    groups = set(group_options(*config_dirs(overrides)))
     roots = set(compose([])) | groups
     for item in plain:
         key = item.partition("=")[0]

@@ -174,6 +174,19 @@ class Conv4Config:
     blocks: int = MISSING
     downsample: str = MISSING
     head: str = MISSING
+    norm: str = MISSING
+    norm_groups: int = MISSING
+
+
+@dataclass
+class ResNet12Config:
+    """ResNet-12 (MetaOptNet's backbone): ``conf/model/resnet12.yaml``."""
+
+    name: str = MISSING
+    widths: list[int] = MISSING
+    norm: str = MISSING
+    norm_groups: int = MISSING
+    dropout: float = MISSING
 
 
 @dataclass
@@ -214,6 +227,7 @@ GROUP_SCHEMAS: dict[str, dict[str, Any]] = {
     "model": {
         "base_mlp": MLPConfig,
         "base_conv4": Conv4Config,
+        "base_resnet12": ResNet12Config,
         "base_gaussian_mlp": GaussianMLPConfig,
     },
 }

@@ -18,6 +18,7 @@ class ResidualMLP(nn.Module):
         width: hidden width.
         blocks: residual blocks.
         norm: ``layer`` (LayerNorm inside each block) or ``none``.
+        dropout: dropout probability inside each block (0: none).
     """
 
     def __init__(
@@ -27,8 +28,10 @@ class ResidualMLP(nn.Module):
         width: int = 16,
         blocks: int = 2,
         norm: str = "layer",
+        dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        self.dropout = nn.Dropout(dropout)
         self.stem = nn.Linear(math.prod(input_shape), width)
         self.norms = nn.ModuleList(
             nn.LayerNorm(width) if norm == "layer" else nn.Identity() for _ in range(blocks)
@@ -39,7 +42,7 @@ class ResidualMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = torch.tanh(self.stem(x.flatten(1)))
         for norm, block in zip(self.norms, self.blocks, strict=True):
-            h = h + torch.tanh(block(norm(h)))
+            h = h + self.dropout(torch.tanh(block(norm(h))))
         return self.head(h)
 
 

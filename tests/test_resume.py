@@ -159,3 +159,39 @@ def test_short_meta_training_learns_to_adapt(tmp_path: Path) -> None:
     assert trained[10] < 0.6 * trained[0], trained
     assert untrained[10] > 0.85 * untrained[0], untrained
     assert trained[10] < 0.6 * untrained[10]
+
+
+DROPOUT = [
+    "model=custom",
+    "model._target_=tests.nets.ResidualMLP",
+    "model.dropout=0.3",
+    "trainer.meta_batch_size=4",
+]
+
+
+def test_dropout_repeats_under_a_seed_and_resumes_exactly(tmp_path: Path) -> None:
+    """A model with dropout (torch.func path, per-task masks from the global torch RNG): the
+    same seed gives the same numbers, a resumed run those of an uninterrupted one, and the
+    masks matter (a resume from another RNG state gives other weights)."""
+    whole, again, half, other = (tmp_path / n for n in ("whole", "again", "half", "other"))
+    app.run(make_config([*QUICK, *DROPOUT, "trainer.steps=60"]), whole)
+    app.run(make_config([*QUICK, *DROPOUT, "trainer.steps=60"]), again)
+    a, b = _params(whole), _params(again)
+    assert "blocks.1.weight" in a and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_metrics(whole)["meta_test"] == read_metrics(again)["meta_test"]
+
+    app.run(make_config([*QUICK, *DROPOUT, "trainer.steps=40"]), half)
+    other.mkdir()
+    (other / "checkpoints").mkdir()
+    state = checkpoint.load(half / "checkpoints" / "last.pt")
+    state["rng"]["torch"] = torch.Generator().manual_seed(123).get_state()
+    torch.save(state, other / "checkpoints" / "last.pt")
+    app.run(make_config([*QUICK, *DROPOUT, "trainer.steps=60", f"resume={half}"]), half)
+    b = _params(half)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_metrics(whole)["meta_test"] == read_metrics(half)["meta_test"]
+    assert read_metrics(whole)["meta_val"] == read_metrics(half)["meta_val"]
+
+    app.run(make_config([*QUICK, *DROPOUT, "trainer.steps=60", f"resume={other}"]), other)
+    c = _params(other)
+    assert any(not torch.equal(a[k], c[k]) for k in a)  # the masks come from the saved RNG

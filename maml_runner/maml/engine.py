@@ -207,6 +207,16 @@ class _CompositeNorms(TorchFunctionMode):
 _ENGINES: weakref.WeakKeyDictionary[nn.Module, Engine] = weakref.WeakKeyDictionary()
 
 
+def use_engine(model: nn.Module, engine: Engine) -> Engine:
+    """Run ``model`` on ``engine`` from now on, instead of the automatic choice.
+
+    For comparisons of the two paths (``scripts/bench --general-path``: the torch.func path on
+    a model the batched layers also cover); a run never calls it.
+    """
+    _ENGINES[model] = engine
+    return engine
+
+
 def engine_for(model: nn.Module) -> Engine:
     """The engine that runs ``model``, chosen on first use and kept for the model's lifetime.
 

@@ -4,7 +4,8 @@ What it measures
     Meta-iterations per second, and peak memory, of second-order MAML with Adam(1e-3) as the
     outer optimizer. One meta-iteration is the whole meta-step: inner forwards, inner gradients
     (with their graph), query loss, backward through the adaptation, and the optimizer step.
-    Workloads (``--workload``, repeatable or comma-separated; default: all):
+    Workloads (``--workload``, repeatable or comma-separated; default: the first four; ``all``:
+    all five):
 
     * sinusoid:          the paper's regression setup (Finn et al., 2017, §5.1): an MLP 1-40-40-1
                          with ReLU, 25 tasks of K=10 support and 10 query points, 1 inner SGD
@@ -17,6 +18,10 @@ What it measures
     * miniimagenet-5w1s: ``Conv4`` (32 filters, 2×2 max-pooling, flattened head) on 84×84×3
                          images, 5-way 1-shot, 15 query per class, 4 tasks, 5 inner steps with
                          α=0.01.
+    * resnet12-narrow-5w1s: ``ResNet12`` at widths 16-40-80-160 (``model=resnet12_narrow``,
+                         batch norm) on the miniImageNet shape above, 4 tasks, 5 inner steps
+                         with α=0.01; its forward is its own, so ours runs it on the torch.func
+                         path.
 
     Images are uniform noise from a seeded generator and labels are 0..N-1 (speed does not depend
     on pixel values). Batch norm in ``Conv4`` keeps no running statistics, so every library
@@ -33,6 +38,10 @@ What it measures
                    does the same for the baselines); Adam fused=True, as maml-run builds it;
     * learn2learn: ``l2l.algorithms.MAML``, a loop over tasks with ``clone()`` / ``adapt()``;
     * higher:      ``higher.innerloop_ctx`` with an SGD inner optimizer, a loop over tasks.
+    * general:     (``--general-path``) ours with the model forced onto the torch.func path
+                   (``maml.engine.FuncEngine``), on the workloads whose model the batched
+                   layers cover, so the two engines compare on the same weights; the summary
+                   adds general/ours.
 
     The baselines follow each library's own MAML example and use Adam's defaults.
 
@@ -72,6 +81,8 @@ How to run
     python scripts/bench --only ours --device cuda
     python scripts/bench --workload omniglot-5w1s --tasks-per-pass 32   # ours in one pass
     python scripts/bench --workload sinusoid --iters 200 --threads 1
+    python scripts/bench --general-path --workload sinusoid,omniglot-5w1s   # the two engines
+    python scripts/bench --workload resnet12-narrow-5w1s --rounds 1 --seconds 60
 
     The baselines are optional (``pip install -e .[bench]``, see the README for the steps that
     build learn2learn on Python 3.11). A missing baseline is reported in one line and skipped.
@@ -108,9 +119,9 @@ from bench.harness import (  # noqa: E402
     resolve_tasks_per_pass,
     warn_if_busy,
 )
-from bench.workloads import OUTER_LR, WORKLOADS, Workload  # noqa: E402
+from bench.workloads import DEFAULT_WORKLOADS, OUTER_LR, WORKLOADS, Workload, batched  # noqa: E402
 
-LIBRARIES = ("ours", "learn2learn", "higher")
+LIBRARIES = ("ours", "general", "learn2learn", "higher")
 
 # -------------------------------------------------------------------------------------- output
 
@@ -137,13 +148,17 @@ def _rate(rate: float) -> str:
 def print_summary(all_results: dict[str, dict[str, Result]], disturbed: list[str]) -> None:
     libraries = [name for name in LIBRARIES if any(name in r for r in all_results.values())]
     head = "".join(f" {name + ' it/s':>16}" for name in libraries)
-    print(f"\n{'summary':<18}{head} {'ours/l2l':>9}  peak MiB ({', '.join(libraries)})")
+    head += f" {'ours/l2l':>9}" + (f" {'general/ours':>12}" if "general" in libraries else "")
+    print(f"\n{'summary':<18}{head}  peak MiB ({', '.join(libraries)})")
     for workload, results in all_results.items():
         rates = "".join(
             f" {_rate(results[n].rate) if n in results else '-':>16}" for n in libraries
         )
         base = results.get("learn2learn")
         ratio = f"{results['ours'].rate / base.rate:8.2f}x" if base else f"{'-':>9}"
+        if "general" in libraries:
+            general = results.get("general")
+            ratio += f" {general.rate / results['ours'].rate:11.2f}x" if general else f" {'-':>12}"
         peaks = ", ".join(f"{results[n].peak_bytes / 2**20:.0f}" for n in results)
         mark = "*" if workload in disturbed else ""
         print(f"{workload + mark:<18}{rates} {ratio}  {peaks}")
@@ -163,7 +178,7 @@ def _version(distribution: str) -> str:
 
 def _workload_names(values: list[str] | None, parser: argparse.ArgumentParser) -> list[str]:
     if not values:
-        return list(WORKLOADS)
+        return list(DEFAULT_WORKLOADS)
     names: list[str] = []
     for value in values:
         for name in filter(None, (v.strip() for v in value.split(","))):
@@ -182,7 +197,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workload",
         action="append",
         metavar="NAME[,NAME...]",
-        help=f"repeatable or comma-separated: {', '.join(WORKLOADS)} or all (default: all)",
+        help=f"repeatable or comma-separated: {', '.join(WORKLOADS)} or all (default: "
+        f"{', '.join(DEFAULT_WORKLOADS)})",
     )
     parser.add_argument(
         "--device",
@@ -215,6 +231,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", choices=["ours"], help="time only maml-runner")
+    parser.add_argument(
+        "--general-path",
+        action="store_true",
+        help="also time ours with the model forced onto the torch.func path (row 'general'), "
+        "on the workloads whose model the batched layers cover",
+    )
     parser.add_argument(
         "--malloc",
         choices=["ours", "all"],
@@ -250,6 +272,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def libs_for(workload: Workload, libs: dict[str, Any]) -> dict[str, Any]:
+    """The libraries to time on ``workload``: no 'general' row where ours is that path already."""
+    return {n: lib for n, lib in libs.items() if n != "general" or batched(workload)}
+
+
 def budget_for(workload: Workload, args: argparse.Namespace) -> Budget:
     """The workload's defaults, scaled down by ``--quick``, overridden by explicit options."""
     cuda = args.device == "cuda"
@@ -275,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
 
     libs: dict[str, Any] = {"ours": None}
+    if args.general_path:
+        libs["general"] = None
     if args.only == "ours":
         print(f"--only ours: skipping learn2learn and higher (for them: {INSTALL_HINT})")
     else:
@@ -290,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         f"second-order MAML, Adam {OUTER_LR:g} outer; torch {torch.__version__} on {where}, "
         f"{torch.get_num_threads()} threads"
     )
-    versions = [f"{name} {_version(name)}" for name in libs if name != "ours"]
+    versions = [f"{name} {_version(name)}" for name in libs if name not in ("ours", "general")]
     if versions:
         print("baselines: " + ", ".join(versions))
 
@@ -305,7 +334,9 @@ def main(argv: list[str] | None = None) -> int:
             workload = WORKLOADS[name]
             tasks = 1 if args.quick else workload.check_tasks
             per_pass = resolve_tasks_per_pass(workload, args)
-            diffs = check_gradients(workload, libs, device, args.seed, tasks, per_pass)
+            diffs = check_gradients(
+                workload, libs_for(workload, libs), device, args.seed, tasks, per_pass
+            )
             cells = []
             for lib_name, diff in diffs.items():
                 verdict = "ok" if diff <= GRAD_RTOL else f"MISMATCH (> {GRAD_RTOL:g})"
@@ -328,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ours: passes of {per_pass} tasks ({how})")
         print(f"timing {budget.describe()}...")
         try:
-            results, others = benchmark(workload, list(libs), budget, args, per_pass)
+            results, others = benchmark(
+                workload, list(libs_for(workload, libs)), budget, args, per_pass
+            )
         except WorkerError as exc:
             print(f"ERROR: {exc}", file=sys.stderr)
             return 2

@@ -31,6 +31,7 @@ from bench.workloads import (
     Workload,
     fingerprint,
     first_tasks,
+    make_general_path,
     make_ours,
     to_device,
 )
@@ -44,10 +45,16 @@ GRAD_RTOL = 1e-6
 def make_runner(
     name: str, workload: Workload, lib: Any, model: nn.Module, tasks_per_pass: int
 ) -> Runner:
-    """Ours in passes of ``tasks_per_pass`` tasks (resolved once per workload), or a baseline."""
+    """Ours in passes of ``tasks_per_pass`` tasks (resolved once per workload), ours on the
+    general (torch.func) path, or a baseline."""
     if name == "ours":
         return make_ours(workload, lib, model, tasks_per_pass)
+    if name == "general":
+        return make_general_path(workload, lib, model, tasks_per_pass)
     return BASELINES[name](workload, lib, model)
+
+
+OURS = ("ours", "general")  # maml-runner's two engines
 
 
 def resolve_tasks_per_pass(workload: Workload, args: argparse.Namespace) -> int:
@@ -170,11 +177,11 @@ def query_loss_after_adaptation(workload: Workload, model: nn.Module, batch: Tas
 
 def _serve(conn: Connection, spec: WorkerSpec) -> None:
     torch.set_num_threads(spec.threads)
-    if spec.library == "ours" or spec.malloc == "all":
+    if spec.library in OURS or spec.malloc == "all":
         keep_freed_memory()  # as maml-run does at start
     device = torch.device(spec.device)
     lib, note = import_library(spec.library)
-    if spec.library != "ours" and lib is None:
+    if spec.library not in OURS and lib is None:
         raise RuntimeError(note)
     workload = WORKLOADS[spec.workload]
     init, batch = workload.build(spec.seed)
