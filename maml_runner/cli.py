@@ -389,6 +389,7 @@ def _evaluate(run: Path, num_tasks, seed, steps, device) -> None:
     saved = OmegaConf.create(state["config"])
     # Keys added to the configs since the run default to today's values; the run's own win.
     groups = [f"task={saved.task.name}", f"model={saved.model.name}"]
+    groups.append(f"algorithm={saved.algorithm.name}")  # its schema (metasgd: lr_init, ...)
     outer = _option_with_target("outer", saved.outer._target_)
     if outer is not None:
         groups.append(f"outer={outer}")
@@ -404,8 +405,7 @@ def _evaluate(run: Path, num_tasks, seed, steps, device) -> None:
             OmegaConf.update(cfg, key, value)
     cfg.eval.report_steps = [s for s in cfg.eval.report_steps if s <= cfg.inner.eval_steps]
     with build(cfg) as job:
-        checkpoint.check_model(job.model, state, str(run))
-        job.model.load_state_dict(state["model"])
+        checkpoint.load_weights(state, job.model, job.learned, str(run))
         tested = job.meta_test(baselines=False)
     print_result(tested, list(cfg.eval.report_steps), cfg.paper)
     out = path.parent / f"eval_step{state['step']}_seed{cfg.eval.seed}_n{cfg.eval.num_tasks}.json"

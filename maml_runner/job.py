@@ -80,7 +80,7 @@ class Job:
     """The part every job shares; ``SupervisedJob`` and ``rl.job.RLJob`` add the rest."""
 
     model: nn.Module  # holds θ (its state dict is what checkpoints save)
-    params: Params  # θ by name: what the update moves and the trainer checks for NaN
+    params: Params  # θ by name: what the learner adapts from, the update moves
     optimizer: torch.optim.Optimizer | None  # state to checkpoint (TRPO keeps none)
     scheduler: LRScheduler | None = None  # outer.scheduler: stepped by ``update``, checkpointed
     learner: Any  # the algorithm's objective (``MAML``, ``Pretrain``, ``rl.meta.MetaRL``)
@@ -96,6 +96,15 @@ class Job:
     config: dict  # the resolved config: saved in checkpoints, logged to W&B
     device: torch.device
     num_threads: int | None  # torch's CPU threads for this run (None: torch's default)
+    # the learner's own meta-parameters beside θ (Meta-SGD's α; empty for MAML): optimised with
+    # θ, checkpointed as "learned" (``checkpoint.load_weights``)
+    learned: nn.Module = field(default_factory=nn.Module)
+
+    def meta_parameters(self) -> Params:
+        """Everything meta-learned, by name: θ and ``learned.<name>`` (checked for NaN by the
+        trainer, broadcast under torchrun)."""
+        learned = {f"learned.{n}": p for n, p in self.learned.named_parameters()}
+        return {**self.params, **learned}
 
     def select(self, fitted: FitResult, folder: Path) -> Selection:
         """Put the θ to meta-test into the model: the best validation step's (``best.pt``) or
@@ -108,7 +117,8 @@ class Job:
         if self.test_checkpoint == "best" and best is not None:
             if best["step"] != fitted.step:
                 path = folder / "checkpoints" / checkpoint.BEST
-                self.model.load_state_dict(checkpoint.load(path, self.device)["model"])
+                state = checkpoint.load(path, self.device)
+                checkpoint.load_weights(state, self.model, self.learned, str(path))
             return Selection("best", best["step"], sign * best["value"], val.key)
         return Selection("last", fitted.step, sign * last["value"], val.key)
 
