@@ -236,9 +236,13 @@ class MAMLpp(MAML):
         for s in range(self.inner_steps):
             at = self.weights_at(fast, s, learned)
             fast = engine.step(
-                self.task_loss, at, batch.support_x, batch.support_y, self.step_size(s, learned),
+                self.task_loss,
+                at,
+                batch.support_x,
+                batch.support_y,
+                self.step_size(s, learned),
                 second,
-            )  # fmt: skip
+            )
             if weights is not None or s == self.inner_steps - 1:
                 pred = engine.forward(self.weights_at(fast, s, learned), batch.query_x)
                 losses.append(self.task_loss.loss(pred, batch.query_y).mean())
