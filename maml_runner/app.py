@@ -41,7 +41,9 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
     with build(cfg) as job:
         if job.num_threads is not None:
             torch.set_num_threads(job.num_threads)
-        resumed = checkpoint.resume(job.resume, job.model, job.optimizer, job.device, job.scheduler)
+        resumed = checkpoint.resume(
+            job.resume, job.model, job.optimizer, job.device, job.scheduler, job.learned
+        )
         lead = distributed.is_lead()
         if resumed.path is not None:
             if job.cadence.steps < resumed.step:
@@ -54,7 +56,7 @@ def run(cfg: DictConfig, run_dir: Path, *, multirun: bool = False) -> float:
                 tracking.keep_history_until(run_dir, resumed.step)
                 console.print(f"resuming from {resumed.path} at step {resumed.step}")
         if distributed.world_size() > 1:
-            distributed.broadcast_params(job.params)
+            distributed.broadcast_params(job.meta_parameters())
         tracker = build_tracker(cfg, run_dir, job.config, resumed.run_id, multirun)
         exit_code = 1
         try:
@@ -85,6 +87,7 @@ def _train(job: Job, run_dir: Path, multirun: bool, tracker, resumed) -> FitResu
             job.config,
             tracker.run_id,
             job.scheduler,
+            job.learned,
             keep_best=job.keep_best,
             top=resumed.top,
         )
@@ -94,7 +97,7 @@ def _train(job: Job, run_dir: Path, multirun: bool, tracker, resumed) -> FitResu
     try:
         fitted = fit(
             job.update,
-            job.params,
+            job.meta_parameters(),
             job.cadence,
             tracker=tracker,
             checkpointer=saver,

@@ -29,17 +29,24 @@ from maml_runner.job import Job, Report, SupervisedJob
 from maml_runner.maml import MAML, Pretrain, TaskLoss
 from maml_runner.maml.core import check_inner
 from maml_runner.maml.engine import engine_for
+from maml_runner.maml.family import ANIL, MAMLpp, MetaSGD
 from maml_runner.models import MLP, Conv4, ResNet12
 from maml_runner.tasks import FixedTasks, Sinusoid, TaskStream
 from maml_runner.tasks.base import TaskFamily
 from maml_runner.tasks.classification import ImageClasses
 from maml_runner.tracking import NullTracker, Tracker
-from maml_runner.trainer import Cadence, auto_tasks_per_pass, gradient_step, scheduled
+from maml_runner.trainer import (
+    Cadence,
+    announced,
+    auto_tasks_per_pass,
+    gradient_step,
+    scheduled,
+)
 
 if TYPE_CHECKING:
     from maml_runner.rl.job import RLJob
 
-ALGORITHMS = ("maml", "pretrain")
+ALGORITHMS = ("maml", "pretrain", "metasgd", "anil", "mamlpp")
 SPLITS = ("paper", "background")
 LOGGER_MODES = ("online", "offline", "disabled")
 TEST_CHECKPOINTS = ("best", "last")
@@ -153,6 +160,13 @@ def validate_rl(cfg: DictConfig) -> None:
     _validate_common(cfg)
     t = cfg.task
     _positive(cfg, "task.eval_k_shot", "trainer.val_tasks")  # (the rest: the constructors)
+    _require(
+        cfg.algorithm.name in ("maml", "pretrain"),
+        "algorithm",
+        cfg.algorithm.name,
+        f"task={t.name} (RL) runs maml or pretrain; the family (metasgd, anil, mamlpp) is "
+        f"built for supervised tasks",
+    )
     _require(
         cfg.model.name == "gaussian_mlp",
         "model",
@@ -405,20 +419,38 @@ def _custom_model(model: DictConfig, input_shape: list[int], num_outputs: int) -
 
 
 def build_learner(cfg: DictConfig, model: nn.Module, task_loss: TaskLoss) -> MAML | Pretrain:
-    with _keys("inner", inner_lr="inner.lr", inner_steps="inner.steps"):
-        if cfg.algorithm.name == "pretrain":
-            return Pretrain(model, task_loss, inner_lr=cfg.inner.lr)
-        return MAML(
-            model,
-            task_loss,
-            inner_lr=cfg.inner.lr,
-            inner_steps=cfg.inner.steps,
-            first_order=cfg.inner.first_order,
-        )
+    """The algorithm's learner over ``model`` (its own meta-parameters, if any, drawn from the
+    global RNG after the model's and placed on the model's device)."""
+    a, inner = cfg.algorithm, cfg.inner
+    common = dict(inner_steps=inner.steps, first_order=inner.first_order)
+    keys = dict(inner_lr="inner.lr", inner_steps="inner.steps", first_order="inner.first_order")
+    with _keys("algorithm", **keys):
+        if a.name == "pretrain":
+            return Pretrain(model, task_loss, inner_lr=inner.lr)
+        if a.name == "metasgd":
+            return MetaSGD(model, task_loss, lr_init=list(a.lr_init), **common)
+        if a.name == "anil":
+            head = None if a.head is None else list(a.head)
+            return ANIL(model, task_loss, inner_lr=inner.lr, head=head, **common)
+        if a.name == "mamlpp":
+            flags = dict(msl=a.msl, msl_epochs=a.msl_epochs, da_epochs=a.da_epochs, lslr=a.lslr)
+            return MAMLpp(
+                model,
+                task_loss,
+                inner_lr=inner.lr,
+                bnwb=a.bnwb,
+                epoch_length=a.epoch_length,
+                **flags,
+                **common,
+            )
+        return MAML(model, task_loss, inner_lr=inner.lr, **common)
 
 
-def build_optimizer(outer: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """Instantiate ``outer._target_`` (any ``torch.optim`` class) over the model's parameters."""
+def build_optimizer(
+    outer: DictConfig, model: nn.Module, learned: nn.Module | None = None
+) -> torch.optim.Optimizer:
+    """Instantiate ``outer._target_`` (any ``torch.optim`` class) over the model's parameters
+    and the learner's own meta-parameters (``learned``: Meta-SGD's α, MAML++'s rates)."""
     kwargs = {}
     if not {"foreach", "fused"} & set(outer) and outer._target_ in FUSED_OPTIMIZERS:
         # One fused kernel per update instead of ~10 multi-tensor ops: ~100 µs less per
@@ -426,7 +458,8 @@ def build_optimizer(outer: DictConfig, model: nn.Module) -> torch.optim.Optimize
         kwargs["fused"] = True
     settings = {k: v for k, v in outer.items() if k != "scheduler"}  # the schedule: below
     try:
-        optimizer = hydra.utils.instantiate(settings, params=list(model.parameters()), **kwargs)
+        params = [*model.parameters(), *(learned.parameters() if learned is not None else [])]
+        optimizer = hydra.utils.instantiate(settings, params=params, **kwargs)
     except Exception as exc:  # Hydra wraps import and argument errors
         cause = exc.__cause__ or exc
         raise UserError(f"outer._target_={outer._target_}: cannot build it ({cause})") from None
@@ -541,7 +574,7 @@ def _build_supervised(cfg: DictConfig) -> SupervisedJob:
     if distributed.is_lead():
         Console().print(engine_for(model).description)
     learner = build_learner(cfg, model, family.task_loss)
-    optimizer = build_optimizer(cfg.outer, model)
+    optimizer = build_optimizer(cfg.outer, model, learner.learned)
     params = dict(model.named_parameters())
     with _keys("task", meta_batch_size="trainer.meta_batch_size"):
         stream = TaskStream(
@@ -577,6 +610,8 @@ def _build_supervised(cfg: DictConfig) -> SupervisedJob:
     if distributed.world_size() > 1:
         update = distributed.DistributedStep(learner, params, optimizer, stream, per_pass)
         stop = update.stop
+    if isinstance(learner, MAMLpp):  # its MSL and DA schedules follow the meta-iteration
+        update = announced(update, learner.at_iteration)
     metrics = ("meta_train/query_loss",)
     scheduler = build_scheduler(cfg.outer, optimizer)
     if scheduler is not None:
@@ -584,6 +619,7 @@ def _build_supervised(cfg: DictConfig) -> SupervisedJob:
     return SupervisedJob(
         model=model,
         params=params,
+        learned=learner.learned,
         optimizer=optimizer,
         learner=learner,
         stream=stream,

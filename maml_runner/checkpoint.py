@@ -1,5 +1,11 @@
 """Checkpoints that resume a run exactly: weights, optimiser, step, best metric, RNG, config.
 
+The meta-parameters are two state dicts: ``model`` (θ, under the model's own parameter names)
+and ``learned`` (the learner's own meta-parameters beside θ, e.g. Meta-SGD's ``lr.<name>``;
+empty for MAML), so a user's checkpoint shows the user's names under ``model`` whatever the
+algorithm. ``load_weights`` checks and loads both, for resume, best-checkpoint selection and
+``maml-run evaluate`` alike.
+
 A checkpoint is one ``torch.save`` file, written atomically (temporary file, flushed to disk, then
 renamed), read back with ``weights_only=True`` (no pickled code runs on load). A write that fails
 (a full disk) leaves the previous checkpoint as it was and no temporary file.
@@ -52,6 +58,7 @@ def save(
     config: dict,
     best: dict | None = None,
     extra: dict | None = None,
+    learned: nn.Module | None = None,
 ) -> Path:
     """Write a complete, resumable checkpoint to ``path`` atomically.
 
@@ -68,6 +75,7 @@ def save(
         "format_version": FORMAT_VERSION,
         "step": step,
         "model": model.state_dict(),
+        "learned": {} if learned is None else learned.state_dict(),
         # TRPO (RL) keeps no state between steps: an empty dict
         "optimizer": {} if optimizer is None else optimizer.state_dict(),
         # the outer learning-rate schedule (outer.scheduler); {} without one
@@ -158,6 +166,26 @@ def check_model(model: nn.Module, state: dict[str, Any], where: str) -> None:
             )
 
 
+def load_weights(
+    state: dict[str, Any], model: nn.Module, learned: nn.Module | None, where: str
+) -> None:
+    """Load θ (``state["model"]``) and the learner's own meta-parameters (``state["learned"]``)
+    after checking both against the configured model and algorithm."""
+    check_model(model, state, where)
+    ours = {k: tuple(v.shape) for k, v in (learned or nn.Module()).state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in state.get("learned", {}).items()}
+    if ours != theirs:
+        key = min(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        raise UserError(
+            f"resume={where}: the checkpoint's learned meta-parameters differ from the configured "
+            f"algorithm's at {key}: checkpoint {theirs.get(key)}, config {ours.get(key)}; use the "
+            f"run's own algorithm settings"
+        )
+    model.load_state_dict(state["model"])
+    if learned is not None:
+        learned.load_state_dict(state.get("learned", {}))
+
+
 @dataclass(frozen=True)
 class Resumed:
     """Where a run starts: step 0, or what a checkpoint says."""
@@ -176,9 +204,10 @@ def resume(
     optimizer: torch.optim.Optimizer | None,
     device: torch.device,
     scheduler: LRScheduler | None = None,
+    learned: nn.Module | None = None,
 ) -> Resumed:
-    """Load the checkpoint at ``where`` (a run folder or file) into model, optimiser, the outer
-    learning-rate schedule and RNGs.
+    """Load the checkpoint at ``where`` (a run folder or file) into model, the learner's own
+    meta-parameters, optimiser, the outer learning-rate schedule and RNGs.
 
     ``None``: nothing to resume, a fresh start. The model must match the checkpoint's.
     """
@@ -186,8 +215,7 @@ def resume(
         return Resumed()
     path = resolve(where)
     state = load(path, device)
-    check_model(model, state, str(where))
-    model.load_state_dict(state["model"])
+    load_weights(state, model, learned, str(where))
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:
@@ -240,12 +268,14 @@ class Checkpointer:
         config: dict,
         run_id: str | None,
         scheduler: LRScheduler | None = None,
+        learned: nn.Module | None = None,
         keep_best: int = 1,
         top: tuple[dict, ...] = (),
     ) -> None:
         self.folder = run_dir / "checkpoints"
         self.model, self.optimizer, self.config, self.run_id = model, optimizer, config, run_id
-        self.scheduler, self.keep_best, self.top = scheduler, keep_best, list(top)
+        self.scheduler, self.learned = scheduler, learned
+        self.keep_best, self.top = keep_best, list(top)
         kept = {top_path(self.folder, r["step"]) for r in self.top}
         for stale in (self.folder / TOP).glob("step*.pt"):
             if stale not in kept:
@@ -282,6 +312,7 @@ class Checkpointer:
                 model=self.model,
                 optimizer=self.optimizer,
                 scheduler=self.scheduler,
+                learned=self.learned,
                 step=step,
                 config=self.config,
                 best=best,

@@ -606,6 +606,7 @@ def _evaluation_config(saved, overrides: list[str], options: dict):
 
     # Keys added to the configs since the run default to today's values; the run's own win.
     groups = [f"task={saved.task.name}", f"model={saved.model.name}"]
+    groups.append(f"algorithm={saved.algorithm.name}")  # its schema (metasgd: lr_init, ...)
     outer = _option_with_target("outer", saved.outer._target_)
     if outer is not None:
         groups.append(f"outer={outer}")
@@ -653,8 +654,7 @@ def _evaluate(run: Path, overrides, num_tasks, seed, steps, device, ensemble) ->
     computed = list(range(cfg.inner.eval_steps + 1))  # every step it computes is printed
     cfg.eval.report_steps = computed
     with build(cfg) as job:
-        checkpoint.check_model(job.model, state, str(run))
-        job.load(state)
+        job.load(state, str(run))
         tested = job.meta_test(baselines=False)
         print_result(tested, computed, cfg.paper)
         record = {"checkpoint": str(path), "step": state["step"]}

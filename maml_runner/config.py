@@ -77,6 +77,35 @@ class AlgorithmConfig:
 
 
 @dataclass
+class MetaSGDConfig:
+    """Meta-SGD: ``conf/algorithm/metasgd.yaml``."""
+
+    name: str = MISSING
+    lr_init: list[float] = MISSING
+
+
+@dataclass
+class ANILConfig:
+    """ANIL: ``conf/algorithm/anil.yaml``."""
+
+    name: str = MISSING
+    head: list[str] | None = MISSING
+
+
+@dataclass
+class MAMLppConfig:
+    """MAML++: ``conf/algorithm/mamlpp.yaml``."""
+
+    name: str = MISSING
+    msl: bool = MISSING
+    msl_epochs: int = MISSING
+    da_epochs: int = MISSING
+    lslr: bool = MISSING
+    bnwb: bool = MISSING
+    epoch_length: int = MISSING
+
+
+@dataclass
 class SinusoidConfig:
     """Sinusoid regression: ``conf/task/sinusoid.yaml``."""
 
@@ -223,6 +252,11 @@ GROUP_SCHEMAS: dict[str, dict[str, Any]] = {
         "base_omniglot": OmniglotConfig,
         "base_miniimagenet": MiniImageNetConfig,
         "base_rl": RLTaskConfig,
+    },
+    "algorithm": {
+        "base_metasgd": MetaSGDConfig,
+        "base_anil": ANILConfig,
+        "base_mamlpp": MAMLppConfig,
     },
     "model": {
         "base_mlp": MLPConfig,

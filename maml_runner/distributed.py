@@ -121,13 +121,16 @@ class DistributedStep:
         batch = self.stream.batch(step).tasks(self.lo, self.hi)
         self.optimizer.zero_grad(set_to_none=True)
         loss = meta_backward(self.learner, self.params, batch, self.tasks_per_pass, self.weight)
-        grads = [p.grad for p in self.params.values()]
+        # every tensor the optimiser steps: θ and the learner's own meta-parameters
+        stepped = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in stepped]
         flag = loss.new_tensor([1.0 if self._stop_requested else 0.0])
         buffer = torch.cat([g.reshape(-1) for g in grads] + [loss.reshape(1), flag])
         dist.all_reduce(buffer)  # sum: the weights make the gradients' sum the full-batch mean
         offset = 0
-        for g in grads:
+        for p, g in zip(stepped, grads):
             g.copy_(buffer[offset : offset + g.numel()].view_as(g))
+            p.grad = g
             offset += g.numel()
         self._stop_agreed = bool(buffer[-1] > 0)
         self.optimizer.step()

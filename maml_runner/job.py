@@ -82,7 +82,7 @@ class Job:
     """The part every job shares; ``SupervisedJob`` and ``rl.job.RLJob`` add the rest."""
 
     model: nn.Module  # holds θ (its state dict is what checkpoints save)
-    params: Params  # θ by name: what the update moves and the trainer checks for NaN
+    params: Params  # θ by name: what the learner adapts from, the update moves
     optimizer: torch.optim.Optimizer | None  # state to checkpoint (TRPO keeps none)
     scheduler: LRScheduler | None = None  # outer.scheduler: stepped by ``update``, checkpointed
     learner: Any  # the algorithm's objective (``MAML``, ``Pretrain``, ``rl.meta.MetaRL``)
@@ -99,6 +99,15 @@ class Job:
     config: dict  # the resolved config: saved in checkpoints, logged to W&B
     device: torch.device
     num_threads: int | None  # torch's CPU threads for this run (None: torch's default)
+    # the learner's own meta-parameters beside θ (Meta-SGD's α; empty for MAML): optimised with
+    # θ, checkpointed as "learned" (``checkpoint.load_weights``)
+    learned: nn.Module = field(default_factory=nn.Module)
+
+    def meta_parameters(self) -> Params:
+        """Everything meta-learned, by name: θ and ``learned.<name>`` (checked for NaN by the
+        trainer, broadcast under torchrun)."""
+        learned = {f"learned.{n}": p for n, p in self.learned.named_parameters()}
+        return {**self.params, **learned}
 
     def select(self, fitted: FitResult, folder: Path) -> Selection:
         """Put the θ to meta-test into the model: the best validation step's (``best.pt``) or
@@ -111,13 +120,14 @@ class Job:
         if self.test_checkpoint == "best" and best is not None:
             if best["step"] != fitted.step:
                 path = folder / "checkpoints" / checkpoint.BEST
-                self.load(checkpoint.load(path, self.device))
+                self.load(checkpoint.load(path, self.device), str(path))
             return Selection("best", best["step"], sign * best["value"], val.key)
         return Selection("last", fitted.step, sign * last["value"], val.key)
 
-    def load(self, state: dict) -> None:
-        """Put a checkpoint's meta-parameters into the job (its model must match)."""
-        self.model.load_state_dict(state["model"])
+    def load(self, state: dict, where: str) -> None:
+        """Put a checkpoint's meta-parameters (θ and the learner's own) into the job, after
+        checking them against the configured model and algorithm; ``where`` names the file."""
+        checkpoint.load_weights(state, self.model, self.learned, where)
 
     def meta_test(self, baselines: bool = True) -> Tested:
         raise NotImplementedError
@@ -172,7 +182,7 @@ class SupervisedJob(Job):
     def meta_test_ensemble(self, states: list[dict]) -> EvalResult:
         """The test tasks' metrics of the members' averaged predictions (the MAML++ protocol);
         the model holds the last member's θ afterwards."""
-        members = [functools.partial(self.load, state) for state in states]
+        members = [functools.partial(self.load, state, "an ensemble member") for state in states]
         return ensemble_test(
             self.learner, self.params, self.test_tasks, members, steps=self.eval_steps
         )

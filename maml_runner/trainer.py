@@ -131,6 +131,18 @@ def gradient_step(
     return update
 
 
+def announced(update: Update, at_iteration: Callable[[int], None]) -> Update:
+    """``update`` that first tells the learner its meta-iteration (``at_iteration(step)``), for
+    schedules inside the learner (MAML++'s multi-step loss and derivative-order annealing); a
+    pure function of the step, so a resumed run follows the same schedule."""
+
+    def step(index: int) -> torch.Tensor:
+        at_iteration(index)
+        return update(index)
+
+    return step
+
+
 def scheduled(update: Update, scheduler: torch.optim.lr_scheduler.LRScheduler) -> Update:
     """``update`` followed by one step of the outer learning-rate schedule.
 

@@ -12,7 +12,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Protocol
 
@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from maml_runner.errors import positive_int, require
-from maml_runner.maml.engine import engine_for
+from maml_runner.maml.engine import StepSize, engine_for
 from maml_runner.maml.functional import Params
 from maml_runner.tasks.batch import TaskBatch
 from maml_runner.tasks.losses import TaskLoss
@@ -33,6 +33,7 @@ class Adapts(Protocol):
     """What the meta-test needs of a learner: its task loss and how it adapts at meta-test."""
 
     task_loss: TaskLoss
+    learned: nn.Module  # the learner's own meta-parameters beside θ (``Learned``)
 
     def adaptation(self, params: Params, batch: TaskBatch, steps: int) -> Iterator[Predict]:
         """The per-task predictor after 0, 1, ..., ``steps`` adaptation steps from θ."""
@@ -60,6 +61,30 @@ def adapt(
     for _ in range(steps):
         params = engine.step(task_loss, params, x, y, lr, create_graph)
     return params
+
+
+class Learned(nn.Module):
+    """A learner's own meta-parameters beside θ, by dotted name (Meta-SGD's ``lr.0.weight``).
+
+    An ``nn.Module`` so that the outer optimiser, ``.to(device)`` and checkpoints treat them as
+    they treat θ; nested so that ``state_dict()`` keeps each name as given. Empty for MAML.
+    """
+
+    def __init__(self, tensors: Mapping[str, Tensor] | None = None) -> None:
+        super().__init__()
+        for name, tensor in (tensors or {}).items():
+            *path, leaf = name.split(".")
+            module: nn.Module = self
+            for part in path:
+                if part not in module._modules:
+                    module.add_module(part, nn.Module())
+                module = module._modules[part]
+            module.register_parameter(leaf, nn.Parameter(tensor))
+
+    def group(self, prefix: str) -> dict[str, Tensor]:
+        """The tensors under ``prefix.``, by the rest of their name."""
+        cut = len(prefix) + 1
+        return {n[cut:]: p for n, p in self.named_parameters() if n.startswith(prefix + ".")}
 
 
 def check_inner(inner_lr: float, inner_steps: int) -> None:
@@ -97,7 +122,7 @@ class MAML:
         first_order: bool = False,
     ) -> None:
         check_inner(inner_lr, inner_steps)
-        self.model, self.task_loss = model, task_loss
+        self.model, self.task_loss, self.learned = model, task_loss, Learned()
         self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
 
     def outer_loss(self, params: Params, batch: TaskBatch) -> Tensor:
@@ -130,6 +155,7 @@ class Pretrain:
     def __init__(self, model: nn.Module, task_loss: TaskLoss, *, inner_lr: float) -> None:
         check_inner(inner_lr, 0)
         self.model, self.task_loss, self.inner_lr = model, task_loss, inner_lr
+        self.learned = Learned()
 
     def outer_loss(self, params: Params, batch: TaskBatch) -> Tensor:
         x = torch.cat([batch.support_x, batch.query_x], dim=1)
@@ -167,12 +193,37 @@ def sgd_adaptation(
 ) -> Iterator[Predict]:
     """Meta-test adaptation by plain gradient steps of size ``lr`` from θ on each support set:
     yields the per-task predictor after 0, 1, ..., ``steps`` steps (MAML's and pretraining's)."""
+    return stepped_adaptation(model, task_loss, params, batch, steps, lambda step: lr)
+
+
+def stepped_adaptation(
+    model: nn.Module,
+    task_loss: TaskLoss,
+    params: Params,
+    batch: TaskBatch,
+    steps: int,
+    step_size: Callable[[int], StepSize],
+    weights_at: Callable[[Params, int], Params] | None = None,
+) -> Iterator[Predict]:
+    """Meta-test adaptation by first-order steps of ``step_size(s)`` (a ``StepSize``: a float,
+    or by name a learned rate) from θ: the per-task predictor after 0, 1, ..., ``steps`` steps.
+
+    ``weights_at(fast, s)``, when given, are the weights the forward uses at step s (MAML++'s
+    per-step batch-norm weights); step s's support forward and the predictor after s + 1 steps
+    use the same s, as in the authors' code.
+    """
     engine = engine_for(model)
+    at = weights_at or (lambda fast, s: fast)
     fast = per_task({n: p.detach() for n, p in params.items()}, batch.num_tasks)
     for step in range(steps + 1):
-        yield partial(engine.forward, fast)
+        yield partial(engine.forward, at(fast, max(step - 1, 0)))
         if step < steps:
-            fast = fine_tune(model, task_loss, fast, batch, lr, 1)
+            with torch.enable_grad():
+                fast = {n: w.detach().requires_grad_() for n, w in at(fast, step).items()}
+                fast = engine.step(
+                    task_loss, fast, batch.support_x, batch.support_y, step_size(step), False
+                )
+            fast = {n: w.detach() for n, w in fast.items()}
 
 
 @torch.no_grad()

@@ -29,7 +29,7 @@ reproducible and resumes exactly. Dropout follows the model's ``training`` flag.
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from typing import Protocol
 
@@ -41,6 +41,26 @@ from torch.overrides import TorchFunctionMode
 
 from maml_runner.maml.functional import Params, batched_forward, unsupported
 from maml_runner.tasks.losses import TaskLoss
+
+# An inner step size: one float for every weight (MAML), or by name a tensor broadcastable to the
+# weight (Meta-SGD's α per element, MAML++'s per-layer rate); weights not named are held fixed
+# in that step (ANIL's body), though the forward still uses them.
+StepSize = float | Mapping[str, Tensor | float]
+
+
+def _rates(params: Params, lr: StepSize) -> Mapping[str, Tensor | float]:
+    return dict.fromkeys(params, lr) if isinstance(lr, (int, float)) else lr
+
+
+def _moved(params: Params, grads: Mapping[str, Tensor], rates: Mapping[str, Tensor | float]):
+    """θ'ᵢ = θᵢ − rate ⊙ gradient for the named weights; the others as they were."""
+    out = dict(params)
+    for n, rate in rates.items():
+        if isinstance(rate, Tensor):
+            out[n] = params[n] - rate * grads[n]
+        else:  # a plain float: torch.add, as MAML always took it (bit-identical)
+            out[n] = torch.add(params[n], grads[n], alpha=-rate)
+    return out
 
 
 class Engine(Protocol):
@@ -56,25 +76,27 @@ class Engine(Protocol):
         params: Params,
         x: Tensor,
         y: Tensor,
-        lr: float,
+        lr: StepSize,
         create_graph: bool,
     ) -> Params: ...
 
 
 def inner_update(
-    per_task_loss: Callable[[Params], Tensor], params: Params, lr: float, create_graph: bool
+    per_task_loss: Callable[[Params], Tensor], params: Params, lr: StepSize, create_graph: bool
 ) -> Params:
     """One inner gradient step θ'ᵢ = θᵢ − α∇L_i(θᵢ) for every task at once.
 
     ``per_task_loss(params)`` returns each task's loss ``[T]``; summing them makes the gradient
     with respect to ``params[..][t]`` that of task t alone. With ``create_graph`` the result stays
-    a differentiable function of ``params`` through the gradient itself (second order); without
-    it the gradient is a constant, so dθ'ᵢ/dθ = I: first-order MAML.
+    a differentiable function of ``params`` (and of a learned step size) through the gradient
+    itself (second order); without it the gradient is a constant, so dθ'ᵢ/dθ = I: first order.
+    ``lr`` as ``StepSize``: only the weights it names are moved (and differentiated).
     """
+    rates = _rates(params, lr)
     grads = torch.autograd.grad(
-        per_task_loss(params).sum(), list(params.values()), create_graph=create_graph
+        per_task_loss(params).sum(), [params[n] for n in rates], create_graph=create_graph
     )
-    return {n: torch.add(w, g, alpha=-lr) for (n, w), g in zip(params.items(), grads)}
+    return _moved(params, dict(zip(rates, grads)), rates)
 
 
 class BatchedEngine:
@@ -93,7 +115,7 @@ class BatchedEngine:
         params: Params,
         x: Tensor,
         y: Tensor,
-        lr: float,
+        lr: StepSize,
         create_graph: bool,
     ) -> Params:
         def support_loss(p: Params) -> Tensor:
@@ -142,18 +164,23 @@ class FuncEngine:
         params: Params,
         x: Tensor,
         y: Tensor,
-        lr: float,
+        lr: StepSize,
         create_graph: bool,
     ) -> Params:
-        def loss(p: Params, x: Tensor, y: Tensor) -> Tensor:
-            return task_loss.loss(self._one(p, x).unsqueeze(0), y.unsqueeze(0)).squeeze(0)
+        rates = _rates(params, lr)
+
+        def loss(moved: Params, held: Params, x: Tensor, y: Tensor) -> Tensor:
+            pred = self._one({**held, **moved}, x).unsqueeze(0)
+            return task_loss.loss(pred, y.unsqueeze(0)).squeeze(0)
 
         # First order: the gradient is a constant (dθ'ᵢ/dθ = I), so take it at detached weights
         # and build no graph through it; second order keeps torch.func.grad's graph in θ.
         at = params if create_graph else {n: w.detach() for n, w in params.items()}
+        moved = {n: at[n] for n in rates}
+        held = {n: w for n, w in at.items() if n not in rates}
         with self._per_task_batch_norm(), _CompositeNorms() if create_graph else nullcontext():
-            grads = vmap(grad(loss), randomness="different")(at, x, y)
-        return {n: torch.add(w, grads[n], alpha=-lr) for n, w in params.items()}
+            grads = vmap(grad(loss), randomness="different")(moved, held, x, y)
+        return _moved(params, grads, rates)
 
 
 def _layer_norm(
