@@ -76,6 +76,20 @@ class AlgorithmConfig:
 
 
 @dataclass
+class ReptileConfig:
+    """Reptile (Nichol et al. 2018): ``conf/algorithm/reptile.yaml``."""
+
+    name: str = MISSING
+    inner_optimizer: str = MISSING
+    adam_beta1: float = MISSING
+    adam_beta2: float = MISSING
+    adam_eps: float = MISSING
+    inner_batch_size: int | None = MISSING
+    eval_batch_size: int | None = MISSING
+    transductive: bool = MISSING
+
+
+@dataclass
 class SinusoidConfig:
     """Sinusoid regression: ``conf/task/sinusoid.yaml``."""
 
@@ -204,6 +218,7 @@ SCHEMAS: dict[str, Any] = {
 
 # Several schemas per group are possible (task families): each is stored as base_<name>.
 GROUP_SCHEMAS: dict[str, dict[str, Any]] = {
+    "algorithm": {"base_reptile": ReptileConfig},
     "task": {
         "base_sinusoid": SinusoidConfig,
         "base_omniglot": OmniglotConfig,
