@@ -307,3 +307,20 @@ def test_reptile_run_resumes_exactly_and_anneals_to_zero(tmp_path: Path) -> None
 def test_bad_reptile_settings_are_refused_by_key(tmp_path, overrides, message) -> None:
     with pytest.raises(UserError, match=message):
         app.run(make_config([*QUICK, "algorithm=reptile", *overrides]), tmp_path / "run")
+
+
+def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
+    """torchrun: 5 tasks over 2 ranks (3 + 2) move θ as one process does (the surrogate's
+    gradient is the pseudo-gradient, so the existing weighted all-reduce averages it)."""
+    from tests.helpers import maml_run
+    from tests.test_distributed import torchrun, weights
+
+    common = ["task=sinusoid", "seed=3", "trainer.meta_batch_size=5", *QUICK, *REPTILE]
+    common = [o if o != "trainer.steps=40" else "trainer.steps=20" for o in common]
+    one, two = tmp_path / "one", tmp_path / "two"
+    maml_run([*common, f"hydra.run.dir={one}"], cwd=tmp_path)
+    torchrun([*common, f"hydra.run.dir={two}"], cwd=tmp_path)
+    a, b = weights(one), weights(two)
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
+    assert json.loads((two / "metrics.json").read_text())["algorithm"] == "reptile"
