@@ -30,6 +30,7 @@ from maml_runner.maml import MAML, Pretrain, TaskLoss
 from maml_runner.maml.core import check_inner
 from maml_runner.maml.engine import engine_for
 from maml_runner.maml.family import ANIL, MAMLpp, MetaSGD
+from maml_runner.maml.reptile import Reptile
 from maml_runner.models import MLP, Conv4, ResNet12
 from maml_runner.tasks import FixedTasks, Sinusoid, TaskStream
 from maml_runner.tasks.base import TaskFamily
@@ -46,7 +47,7 @@ from maml_runner.trainer import (
 if TYPE_CHECKING:
     from maml_runner.rl.job import RLJob
 
-ALGORITHMS = ("maml", "pretrain", "metasgd", "anil", "mamlpp")
+ALGORITHMS = ("maml", "pretrain", "metasgd", "anil", "mamlpp", "reptile")
 SPLITS = ("paper", "background")
 LOGGER_MODES = ("online", "offline", "disabled")
 TEST_CHECKPOINTS = ("best", "last")
@@ -178,6 +179,13 @@ def validate_rl(cfg: DictConfig) -> None:
         "outer",
         cfg.outer._target_,
         f"task={t.name} needs outer=trpo (the paper's TRPO meta-step)",
+    )
+    name = cfg.algorithm.name
+    _require(
+        name in ("maml", "pretrain"),
+        "algorithm",
+        name,
+        f"RL tasks (task={t.name}) run maml or pretrain; {name} is for supervised tasks",
     )
     if t.env == "nav2d":
         _require(t.goal == "position", "task.goal", t.goal, "nav2d tasks are goal positions")
@@ -418,13 +426,29 @@ def _custom_model(model: DictConfig, input_shape: list[int], num_outputs: int) -
     return net
 
 
-def build_learner(cfg: DictConfig, model: nn.Module, task_loss: TaskLoss) -> MAML | Pretrain:
+def build_learner(
+    cfg: DictConfig, model: nn.Module, task_loss: TaskLoss
+) -> MAML | Pretrain | MetaSGD | ANIL | MAMLpp | Reptile:
     """The algorithm's learner over ``model`` (its own meta-parameters, if any, drawn from the
     global RNG after the model's and placed on the model's device)."""
     a, inner = cfg.algorithm, cfg.inner
     common = dict(inner_steps=inner.steps, first_order=inner.first_order)
     keys = dict(inner_lr="inner.lr", inner_steps="inner.steps", first_order="inner.first_order")
     with _keys("algorithm", **keys):
+        if a.name == "reptile":
+            return Reptile(
+                model,
+                task_loss,
+                inner_lr=inner.lr,
+                inner_steps=inner.steps,
+                inner_batch_size=a.inner_batch_size,
+                eval_batch_size=a.eval_batch_size,
+                optimizer=a.inner_optimizer,
+                betas=(a.adam_beta1, a.adam_beta2),
+                eps=a.adam_eps,
+                transductive=a.transductive,
+                eval_seed=cfg.eval.seed,
+            )
         if a.name == "pretrain":
             return Pretrain(model, task_loss, inner_lr=inner.lr)
         if a.name == "metasgd":
@@ -516,7 +540,8 @@ def _report(cfg: DictConfig) -> Report:
         "experiment": choices.get("experiment"),
         "task": cfg.task.name,
         "algorithm": cfg.algorithm.name,
-        "first_order": cfg.inner.first_order,
+        # Reptile is first order by construction (inner.first_order does not apply)
+        "first_order": cfg.inner.first_order or cfg.algorithm.name == "reptile",
         "k_shot": cfg.task.k_shot,
         "eval_k_shot": cfg.task.eval_k_shot,
         "seed": cfg.seed,
@@ -587,6 +612,8 @@ def _build_supervised(cfg: DictConfig) -> SupervisedJob:
             # tiny tasks (regression): draw 100 meta-batches per call; images: one at a time
             chunk=100 if family.small else 1,
         )
+    if isinstance(learner, Reptile):  # its meta-batches carry each task's minibatch order
+        stream = learner.ordered(stream)
     fixed = dict(
         k_shot=cfg.task.eval_k_shot,
         query_size=cfg.task.eval_query_size,

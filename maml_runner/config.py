@@ -106,6 +106,20 @@ class MAMLppConfig:
 
 
 @dataclass
+class ReptileConfig:
+    """Reptile (Nichol et al. 2018): ``conf/algorithm/reptile.yaml``."""
+
+    name: str = MISSING
+    inner_optimizer: str = MISSING
+    adam_beta1: float = MISSING
+    adam_beta2: float = MISSING
+    adam_eps: float = MISSING
+    inner_batch_size: int | None = MISSING
+    eval_batch_size: int | None = MISSING
+    transductive: bool = MISSING
+
+
+@dataclass
 class SinusoidConfig:
     """Sinusoid regression: ``conf/task/sinusoid.yaml``."""
 
@@ -257,6 +271,7 @@ GROUP_SCHEMAS: dict[str, dict[str, Any]] = {
         "base_metasgd": MetaSGDConfig,
         "base_anil": ANILConfig,
         "base_mamlpp": MAMLppConfig,
+        "base_reptile": ReptileConfig,
     },
     "model": {
         "base_mlp": MLPConfig,
