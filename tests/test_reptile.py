@@ -324,3 +324,18 @@ def test_two_gloo_ranks_match_one_process(tmp_path: Path) -> None:
     for name in a:
         torch.testing.assert_close(b[name], a[name], rtol=0, atol=1e-5)
     assert json.loads((two / "metrics.json").read_text())["algorithm"] == "reptile"
+
+
+def test_evaluate_a_reptile_run_gives_its_meta_test(tmp_path: Path) -> None:
+    """``maml-run evaluate RUN`` rebuilds Reptile (its own config keys) and gets its numbers
+    (up to float32 rounding: the subprocess may run on another number of threads)."""
+    from tests.helpers import maml_run
+
+    run = tmp_path / "run"
+    app.run(make_config([*QUICK, *REPTILE, "eval.checkpoint=last", "algorithm.transductive=false",
+                         "model.batch_norm=true"]), run)  # fmt: skip
+    maml_run(["evaluate", str(run)], cwd=tmp_path)
+    (saved,) = (run / "checkpoints").glob("eval_step40_*.json")
+    evaluated = json.loads(saved.read_text())["meta_test"]
+    tested = read_metrics(run)["meta_test"]
+    assert evaluated["query_loss"]["mean"] == pytest.approx(tested["query_loss"]["mean"], rel=1e-6)
