@@ -162,13 +162,6 @@ def validate_rl(cfg: DictConfig) -> None:
     t = cfg.task
     _positive(cfg, "task.eval_k_shot", "trainer.val_tasks")  # (the rest: the constructors)
     _require(
-        cfg.algorithm.name in ("maml", "pretrain"),
-        "algorithm",
-        cfg.algorithm.name,
-        f"task={t.name} (RL) runs maml or pretrain; the family (metasgd, anil, mamlpp) is "
-        f"built for supervised tasks",
-    )
-    _require(
         cfg.model.name == "gaussian_mlp",
         "model",
         cfg.model.name,
