@@ -39,6 +39,7 @@ def test_the_readme_example_meta_trains_the_users_residual_conv_net(tmp_path: Pa
         ],
         cwd=tmp_path,
         env=env,
+        timeout=900,  # data, imports and a meta-test: a minute on an idle CPU, more when shared
     )
     assert "model ResConvNet: torch.func path, because ResConvNet" in done.stdout
     state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)

@@ -44,12 +44,18 @@ class _StandInModule(types.ModuleType):
         setattr(self, name, value)
         return value
 
+    def __call__(self, *args: Any, **kwargs: Any) -> None:
+        """``from gym.envs.registration import register``; ``register(...)``: a no-op."""
+
 
 class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Serve ``torchvision`` and all its sub-modules as ``_StandInModule``s."""
+    """Serve the package ``name`` (``torchvision``, ``gym``) and its sub-modules as stand-ins."""
+
+    def __init__(self, name: str = "torchvision") -> None:
+        self.name = name
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname == "torchvision" or fullname.startswith("torchvision."):
+        if fullname == self.name or fullname.startswith(self.name + "."):
             return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
         return None
 
@@ -58,6 +64,14 @@ class _StandInFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def exec_module(self, module: types.ModuleType) -> None:
         module.__path__ = []  # a package, so that `import torchvision.x.y` works
+
+
+def _ensure_gym_importable() -> str | None:
+    """Make ``import gym`` succeed (learn2learn's RL helpers import it; its MAML never uses it)."""
+    if importlib.util.find_spec("gym") is not None:
+        return None
+    sys.meta_path.insert(0, _StandInFinder("gym"))
+    return "gym not installed; using a stand-in (learn2learn's MAML needs none)"
 
 
 def _ensure_torchvision_importable() -> str | None:
@@ -77,7 +91,8 @@ def import_learn2learn() -> tuple[Any | None, str | None]:
     """Return ``(learn2learn or None, a one-line note or None)``."""
     if importlib.util.find_spec("learn2learn") is None:
         return None, f"learn2learn not installed: skipping it ({INSTALL_HINT})"
-    note = _ensure_torchvision_importable()
+    notes = [n for n in (_ensure_torchvision_importable(), _ensure_gym_importable()) if n]
+    note = "; ".join(notes) or None
     try:
         # gym, which learn2learn imports, prints a deprecation notice to stderr on import
         with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
