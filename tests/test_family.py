@@ -433,6 +433,11 @@ def test_best_checkpoint_selection_loads_the_learned_meta_parameters(tmp_path: P
     from maml_runner.trainer import FitResult
 
     with build(make_config([*QUICK, *FAMILY["metasgd"]])) as job:
+        # what the trainer checks for NaN and torchrun broadcasts: θ and the learned α
+        names = set(job.meta_parameters())
+        assert set(job.params) < names and "learned.lr.0.weight" in names
+        stepped = {id(p) for group in job.optimizer.param_groups for p in group["params"]}
+        assert stepped == {id(p) for p in job.meta_parameters().values()}
         saver = checkpoint.Checkpointer(
             tmp_path, job.model, job.optimizer, {}, None, learned=job.learned
         )
