@@ -346,6 +346,7 @@ def test_short_navigation_run_learns_to_adapt(tmp_path) -> None:
             "trainer.steps=12",
             "trainer.meta_batch_size=10",
             "task.k_shot=10",
+            "task.eval_k_shot=10",
             "eval.num_tasks=20",
             "trainer.progress=false",
             "logger.mode=offline",
