@@ -682,6 +682,8 @@ def _build_rl(cfg: DictConfig) -> RLJob:
                 action_bound=t.action_bound,
                 goal_radius=t.goal_radius,
                 reward=t.reward,
+                action_map=t.action_map,
+                goal_shape=t.goal_shape,
             )
     else:
         try:
@@ -711,6 +713,7 @@ def _build_rl(cfg: DictConfig) -> RLJob:
                 hidden=list(m.hidden),
                 activation=m.activation,
                 init_std=m.init_std,
+                init=m.init,
             )
         initial = {k: v.detach().clone() for k, v in policy.state_dict().items()}
         with _keys("outer"):
@@ -729,6 +732,7 @@ def _build_rl(cfg: DictConfig) -> RLJob:
                 horizon=t.horizon,
                 discount=t.discount,
                 normalize_advantages=t.normalize_advantages,
+                sampling=t.sampling,
             )
         with _keys("trainer"):
             stream = RLTaskStream(env, meta_batch_size=cfg.trainer.meta_batch_size, seed=cfg.seed)

@@ -183,6 +183,9 @@ class RLTaskConfig:
     reward: str = MISSING
     action_bound: float = MISSING
     goal_radius: float = MISSING
+    action_map: str = MISSING
+    goal_shape: str = MISSING
+    sampling: str = MISSING
     env_kwargs: dict[str, Any] = MISSING
     workers: int = MISSING
     eval_halve_lr: bool = MISSING
@@ -240,6 +243,7 @@ class GaussianMLPConfig:
     hidden: list[int] = MISSING
     activation: str = MISSING
     init_std: float = MISSING
+    init: str = MISSING
 
 
 # ``model=custom``: any module by its import path. Its keys beyond ``name`` and ``_target_`` are

@@ -19,7 +19,7 @@ from maml_runner.rl.episodes import Episodes, discounted_returns, rollout, with_
 from maml_runner.rl.meta import METRICS, MetaRL, RLTaskStream, pg_loss, trpo_step
 from maml_runner.rl.trpo import TRPO, conjugate_gradient
 from maml_runner.tasks.base import make_generator
-from tests.helpers import maml_run, read_metrics
+from tests.helpers import make_config, maml_run, read_metrics
 
 CPU = torch.device("cpu")
 
@@ -38,6 +38,80 @@ def test_nav2d_clips_actions_rewards_distance_and_stops_at_the_goal() -> None:
     assert torch.allclose(reward, -goals.norm(dim=1).square())
     tasks = env.sample_tasks(1000, make_generator(1, CPU))
     assert tasks.min() >= -0.5 and tasks.max() <= 0.5 and tasks.std() > 0.25
+
+
+def test_nav2d_reference_action_map_and_square_goal() -> None:
+    """action_map=rescale: the policy acts in [−1, 1] and the robot moves 0.1·clip(a, ±1) (rllab's
+    normalize); goal_shape=square: done when both coordinates are within 0.01, so a point
+    0.009 off in x and y (0.0127 away) ends the episode where the disc would not."""
+    goals = torch.tensor([[0.059, 0.059], [0.5, 0.0]])
+    moves = torch.tensor([[0.5, 0.5], [3.0, -0.2]])
+    square = Nav2D(action_map="rescale", goal_shape="square")
+    square.reset(goals, make_generator(0, CPU))
+    obs, reward, done = square.step(moves)
+    assert torch.allclose(obs, torch.tensor([[0.05, 0.05], [0.1, -0.02]]))
+    assert torch.allclose(reward, -(obs - goals).norm(dim=1))
+    assert done.tolist() == [True, False]
+    disc = Nav2D(action_map="rescale")
+    disc.reset(goals, make_generator(0, CPU))
+    assert disc.step(moves)[2].tolist() == [False, False]
+    clipped = Nav2D()  # the earlier mapping: clip the raw action to ±0.1
+    clipped.reset(goals, make_generator(0, CPU))
+    assert torch.allclose(clipped.step(moves)[0], torch.tensor([[0.1, 0.1], [0.1, -0.1]]))
+
+
+def test_step_sampling_collects_whole_trajectories_until_the_budget() -> None:
+    """sampling=steps (rllab's sampler): whole trajectories until K·H time steps per task. A goal
+    reached on the first step gives 10 one-step trajectories for K=2, H=5; an unreachable one
+    2 full ones. Returns average over the trajectories there are; the losses read the same live
+    steps as the unpacked episodes."""
+    torch.manual_seed(0)
+    env = Nav2D(action_map="rescale", goal_shape="square", goal_radius=0.15)
+    policy = GaussianPolicy(2, 2, hidden=(8,))
+    tasks = torch.tensor([[0.0, 0.0], [3.0, 3.0]])
+    params = per_task(dict(policy.named_parameters()), 2)
+    kw = dict(episodes_per_task=2, horizon=5, generator=make_generator(1, CPU))
+    eps = rollout(env, policy, params, tasks, sampling="steps", **kw)
+    assert eps.valid.sum(1).tolist() == [10, 2] and eps.mask.sum((1, 2)).tolist() == [10, 10]
+    expected = torch.stack([eps.returns[0, :10].mean(), eps.returns[1, :2].mean()])
+    torch.testing.assert_close(eps.mean_return(), expected)
+    fixed = rollout(env, policy, params, tasks, sampling="episodes", **kw)
+    assert fixed.valid.sum(1).tolist() == [2, 2]
+    with_advantages(eps, discount=0.99, normalize=True)
+    mean, log_std = policy.distribution(params, eps.flat_obs())
+    logp = log_prob(mean, log_std, eps.flat_actions()).view_as(eps.mask)
+    unpacked = -(logp * eps.advantages * eps.mask).sum((1, 2)) / eps.mask.sum((1, 2))
+    torch.testing.assert_close(pg_loss(policy, params, eps), unpacked)
+
+
+def test_xavier_policy_init_has_zero_biases_and_glorot_weights() -> None:
+    """model.init=xavier: the reference policy's Glorot-uniform weights and zero biases."""
+    torch.manual_seed(0)
+    policy = GaussianPolicy(20, 6, hidden=(100, 100), init="xavier")
+    layers = [m for m in policy.mean if isinstance(m, torch.nn.Linear)]
+    for layer in layers:
+        fan_out, fan_in = layer.weight.shape
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        assert torch.count_nonzero(layer.bias) == 0
+        assert layer.weight.abs().max() <= bound and layer.weight.abs().max() > 0.9 * bound
+    assert torch.count_nonzero(GaussianPolicy(20, 6).mean[0].bias) > 0  # torch's default
+
+
+def test_rl_meta_test_samples_eval_k_shot_trajectories() -> None:
+    """The meta-test and validation sample task.eval_k_shot trajectories per step, training
+    task.k_shot (the job was once built with k_shot at test)."""
+    from maml_runner.build import build
+
+    cfg = make_config([*TINY_NAV, "task.sampling=episodes", "task.k_shot=3", "task.eval_k_shot=5"])
+    job = build(cfg)
+    try:
+        adapted = job.adaptation(job.learner.params, job.test_tasks[:2], 1, seed=0)
+        assert [e.valid.shape[1] for e in adapted.episodes] == [5, 5]
+        params = per_task(job.learner.params, 2)
+        sampled = job.learner.sample(params, job.test_tasks[:2], make_generator(0, CPU))
+        assert sampled.valid.shape[1] == 3
+    finally:
+        job.close()
 
 
 @pytest.mark.parametrize("goal", ["direction", "velocity"])
@@ -227,8 +301,9 @@ def test_trpo_step_improves_the_surrogate_within_the_kl_bound(first_order: bool)
 
 
 def test_trpo_update_returns_what_it_names() -> None:
-    """``trpo_step``'s figures are [post, pre, kl, backtracks], as METRICS names them; the
-    stream's tasks (and so the step) are a function of (seed, step) alone."""
+    """``trpo_step``'s figures are [post, pre, kl, backtracks, surrogate improvement], as METRICS
+    names them (the trust region's health every step); the stream's tasks (and so the step)
+    are a function of (seed, step) alone."""
     learner = _learner()
     stream = RLTaskStream(learner.env, meta_batch_size=3, seed=0)
     tasks, _ = stream.batch(4)
@@ -240,9 +315,11 @@ def test_trpo_update_returns_what_it_names() -> None:
         "meta_train/return_pre",
         "meta_train/kl",
         "meta_train/backtracks",
+        "meta_train/surrogate_improvement",
     )
     assert out.shape == (len(METRICS),) and torch.isfinite(out).all()
     assert 0 < out[2] <= 0.01 and out[3] == int(out[3]) and 0 <= out[3] < 15
+    assert out[4] > 0  # an accepted step lowers the surrogate
 
 
 def test_gaussian_log_prob_and_kl_match_torch_distributions() -> None:
@@ -269,6 +346,7 @@ def test_short_navigation_run_learns_to_adapt(tmp_path) -> None:
             "trainer.steps=12",
             "trainer.meta_batch_size=10",
             "task.k_shot=10",
+            "task.eval_k_shot=10",
             "eval.num_tasks=20",
             "trainer.progress=false",
             "logger.mode=offline",
@@ -280,7 +358,7 @@ def test_short_navigation_run_learns_to_adapt(tmp_path) -> None:
     m = read_metrics(run)
     ret = m["meta_test"]["return"]["mean"]
     rand = m["baselines"]["random_init"]["return"]["mean"]
-    # measured (torch 2.13 CPU): 0/1 steps -36.5/-20.5, random init -99.2/-98.0
+    # measured (torch 2.13 CPU, reference protocol): 0/1 steps -36.0/-19.6, random init -68.8/-61.2
     assert ret[1] > ret[0] + 5, ret
     assert ret[1] > rand[1] + 20, (ret, rand)
     assert (run / "trajectories.png").exists() and (run / "adaptation.png").exists()
@@ -325,6 +403,10 @@ def test_rl_bad_input_is_one_line(tmp_path) -> None:
     for args, expected in (
         (["task=nav2d"], "model=mlp: task=nav2d needs model=gaussian_mlp outer=trpo"),
         ([*TINY_NAV, "task.reward=manhattan"], "task.reward=manhattan: choose one of"),
+        ([*TINY_NAV, "task.action_map=tanh"], "task.action_map=tanh: choose one of"),
+        ([*TINY_NAV, "task.goal_shape=star"], "task.goal_shape=star: choose one of"),
+        ([*TINY_NAV, "task.sampling=paths"], "task.sampling=paths: choose one of"),
+        ([*TINY_NAV, "model.init=glorot"], "model.init=glorot: choose one of"),
         ([*TINY_NAV, "task=cheetah_dir", "task.env=Nope-v0"], "task.env=Nope-v0"),
         (["task=sinusoid", "outer=trpo"], "the Gaussian policy and TRPO are for RL tasks"),
     ):

@@ -10,7 +10,7 @@ from torch import nn
 from maml_runner.errors import choose, positive_int, require
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh, "elu": nn.ELU}
-INITS = ("torch", "paper")
+INITS = ("torch", "paper", "xavier")
 
 
 class MLP(nn.Sequential):
@@ -22,7 +22,9 @@ class MLP(nn.Sequential):
         hidden: sizes of the hidden layers, e.g. ``[40, 40]``.
         activation: one of ``relu``, ``tanh``, ``elu``.
         init: ``torch`` (PyTorch's default) or ``paper`` (weights from a normal with σ=0.01
-            truncated at 2σ, biases zero: the reference code's initialisation).
+            truncated at 2σ, biases zero: the reference code's initialisation) or ``xavier``
+            (Glorot-uniform weights, biases zero: the RL reference code's policy, cbfinn/maml_rl
+            ``maml_minimal_gauss_mlp_policy.py``; Glorot & Bengio 2010).
         batch_norm: batch norm (per-task batch statistics) after every hidden linear layer.
         flatten: flatten image inputs ``[..., C, H, W]`` first (``in_features = C*H*W``).
 
@@ -60,4 +62,9 @@ class MLP(nn.Sequential):
             for layer in self:
                 if isinstance(layer, nn.Linear):
                     nn.init.trunc_normal_(layer.weight, std=0.01, a=-0.02, b=0.02)
+                    nn.init.zeros_(layer.bias)
+        elif init == "xavier":
+            for layer in self:
+                if isinstance(layer, nn.Linear):
+                    nn.init.xavier_uniform_(layer.weight)
                     nn.init.zeros_(layer.bias)

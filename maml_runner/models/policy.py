@@ -27,9 +27,12 @@ class GaussianPolicy(nn.Module):
         hidden: hidden layer sizes of the mean network (paper: ``[100, 100]``).
         activation: one of ``relu``, ``tanh``, ``elu``.
         init_std: initial standard deviation of every action dimension.
+        init: the mean network's initialisation, an ``MLP`` init: ``torch`` or ``xavier``
+            (Glorot-uniform weights, zero biases: the reference code's policy).
 
     Raises:
-        InvalidArgument: ``init_std`` not > 0; a bad size or ``activation`` (from ``MLP``).
+        InvalidArgument: ``init_std`` not > 0; a bad size, ``activation`` or ``init`` (from
+            ``MLP``).
     """
 
     def __init__(
@@ -39,10 +42,11 @@ class GaussianPolicy(nn.Module):
         hidden: Sequence[int] = (100, 100),
         activation: str = "relu",
         init_std: float = 1.0,
+        init: str = "torch",
     ) -> None:
         require(init_std > 0, "init_std", init_std, "the initial standard deviation must be > 0")
         super().__init__()
-        self.mean = MLP(obs_dim, act_dim, hidden=hidden, activation=activation)
+        self.mean = MLP(obs_dim, act_dim, hidden=hidden, activation=activation, init=init)
         self.log_std = nn.Parameter(torch.full((act_dim,), math.log(init_std)))
 
     def distribution(self, params: Params, obs: Tensor) -> tuple[Tensor, Tensor]:

@@ -26,6 +26,11 @@ from torch import Tensor
 from maml_runner.errors import choose, positive_int, require
 
 NAV_REWARDS = ("distance", "squared_distance")
+# clip: the env moves by clip(a, ±action_bound); rescale: the policy acts in [−1, 1] and the env
+# moves by action_bound·clip(a, ±1) (rllab's normalize(), which the reference code wraps it in)
+ACTION_MAPS = ("clip", "rescale")
+# disc: ‖x − g‖ < goal_radius; square: |x − g|∞ < goal_radius (the reference code's test)
+GOAL_SHAPES = ("disc", "square")
 GOALS = ("direction", "velocity")
 FORWARD = "reward_forward"  # gymnasium's forward term, which the task reward replaces
 
@@ -53,13 +58,21 @@ class Nav2D:
     """Point robot on the plane, starting at the origin; the task is an unseen goal position.
 
     Vectorised in torch: one tensor op moves every episode of a meta-batch. The observation is
-    the position; an action moves it by ``clip(a, ±action_bound)``; the reward is minus the
-    distance to the goal (``reward=distance``, the reference code) or minus its square (the
-    paper's text); an episode ends within ``goal_radius`` of the goal.
+    the position; an action moves it by ``clip(a, ±action_bound)`` (``action_map=clip``) or by
+    ``action_bound·clip(a, ±1)`` (``rescale``: the policy acts in [−1, 1], as rllab's
+    ``normalize`` wrapper of the reference code); the reward is minus the distance to the goal
+    (``reward=distance``, the reference code) or minus its square (the paper's text); an episode
+    ends within ``goal_radius`` of the goal: in the disc of that radius (``goal_shape=disc``) or
+    the square of that half-width (``square``: both coordinates, the reference code's test).
+
+    References:
+        cbfinn/maml_rl, ``maml_examples/point_env_randgoal.py`` (the environment) and rllab's
+        ``envs/normalized_env.py`` (the action rescaling).
 
     Raises:
         InvalidArgument: ``goal_high < goal_low``, ``action_bound`` or ``goal_radius`` not > 0,
-            or a ``reward`` not in ``NAV_REWARDS``.
+            a ``reward`` not in ``NAV_REWARDS``, an ``action_map`` not in ``ACTION_MAPS`` or a
+            ``goal_shape`` not in ``GOAL_SHAPES``.
     """
 
     obs_dim, act_dim, task_dim = 2, 2, 2
@@ -73,13 +86,18 @@ class Nav2D:
         action_bound: float = 0.1,
         goal_radius: float = 0.01,
         reward: str = "distance",
+        action_map: str = "clip",
+        goal_shape: str = "disc",
     ) -> None:
         _check_goal_range(goal_low, goal_high)
         require(action_bound > 0, "action_bound", action_bound, "the action clip must be > 0")
         require(goal_radius > 0, "goal_radius", goal_radius, "the goal's radius must be > 0")
         choose("reward", reward, NAV_REWARDS)
+        choose("action_map", action_map, ACTION_MAPS)
+        choose("goal_shape", goal_shape, GOAL_SHAPES)
         self.goal_low, self.goal_high = goal_low, goal_high
         self.action_bound, self.goal_radius, self.reward = action_bound, goal_radius, reward
+        self.action_map, self.goal_shape = action_map, goal_shape
         self._pos = self._goal = torch.empty(0, 2)
 
     def sample_tasks(self, num: int, generator: torch.Generator) -> Tensor:
@@ -92,10 +110,19 @@ class Nav2D:
         return self._pos.clone()
 
     def step(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        self._pos = self._pos + action.clamp(-self.action_bound, self.action_bound)
-        distance = (self._pos - self._goal).norm(dim=-1)
+        if self.action_map == "clip":
+            move = action.clamp(-self.action_bound, self.action_bound)
+        else:
+            move = self.action_bound * action.clamp(-1.0, 1.0)
+        self._pos = self._pos + move
+        offset = self._pos - self._goal
+        distance = offset.norm(dim=-1)
         reward = -distance if self.reward == "distance" else -distance.square()
-        return self._pos.clone(), reward, distance < self.goal_radius
+        if self.goal_shape == "disc":
+            done = distance < self.goal_radius
+        else:
+            done = offset.abs().amax(dim=-1) < self.goal_radius
+        return self._pos.clone(), reward, done
 
     def close(self) -> None:
         pass

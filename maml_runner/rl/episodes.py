@@ -5,14 +5,20 @@ forward for every task (``GaussianPolicy.distribution`` with per-task weights) a
 environment step for all T·M episodes. Tensors are ``[T, M, H, ...]``; ``mask`` is 1 while an
 episode is alive (an ended episode's later steps are padding).
 
+Two ways to sample a task (``sampling``): ``episodes``, exactly M trajectories; ``steps``, whole
+trajectories until M·H time steps are collected (rllab's sampler, which the reference code
+uses: its ``batch_size`` counts ``fast_batch_size·max_path_length`` time steps, so episodes that
+end early at a goal make room for more of them). Either way ``Episodes`` holds the task's
+trajectories; unused slots have a ``mask`` of 0 throughout and count in no mean.
+
 References:
     Duan et al. (2016), Benchmarking Deep RL for Continuous Control (rllab): the linear feature
-    baseline that the MAML reference code refits per task.
+    baseline that the MAML reference code refits per task, and its batch sampler.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -20,6 +26,9 @@ from torch import Tensor
 from maml_runner.maml.functional import Params
 from maml_runner.models.policy import GaussianPolicy
 from maml_runner.rl.envs import VectorEnv
+
+# episodes: exactly M trajectories per task; steps: whole trajectories until M·H time steps
+SAMPLINGS = ("episodes", "steps")
 
 
 @dataclass
@@ -29,11 +38,43 @@ class Episodes:
     rewards: Tensor  # [T, M, H] (0 after an episode ends)
     mask: Tensor  # [T, M, H]
     advantages: Tensor | None = None  # [T, M, H], set by ``with_advantages``
+    _packed: Episodes | None = field(default=None, repr=False)
 
     @property
     def returns(self) -> Tensor:
-        """Undiscounted return of every trajectory, ``[T, M]`` (what the paper reports)."""
+        """Undiscounted return of every trajectory slot, ``[T, M]`` (0 for an unused slot)."""
         return self.rewards.sum(-1)
+
+    @property
+    def valid(self) -> Tensor:
+        """1 for a slot that holds a trajectory, 0 for an unused one, ``[T, M]``."""
+        return self.mask[..., 0]
+
+    def mean_return(self) -> Tensor:
+        """Mean undiscounted return over each task's trajectories, ``[T]`` (the paper's figure)."""
+        return (self.returns * self.valid).sum(1) / self.valid.sum(1).clamp_min(1)
+
+    def packed(self) -> Episodes:
+        """The live steps of each task moved to the front, as ``[T, 1, L, ...]`` (L: the most any
+        task has): the same masked means at a fraction of the cost when episodes end early.
+        Holds obs, actions, mask and advantages (what the losses read); cached."""
+        if self._packed is None:
+            t, m, h = self.mask.shape
+            flat_mask = self.mask.reshape(t, m * h)
+            length = max(int(flat_mask.sum(1).max().item()), 1)
+            order = torch.sort(flat_mask, dim=1, descending=True, stable=True).indices[:, :length]
+
+            def take(x: Tensor) -> Tensor:
+                flat = x.reshape(t, m * h, *x.shape[3:])
+                index = order.view(t, length, *[1] * (flat.dim() - 2)).expand(
+                    t, length, *flat.shape[2:]
+                )
+                return flat.gather(1, index).unsqueeze(1)
+
+            adv = None if self.advantages is None else take(self.advantages)
+            mask = take(self.mask)
+            self._packed = Episodes(take(self.obs), take(self.actions), mask * 0, mask, adv)
+        return self._packed
 
     def flat_obs(self) -> Tensor:
         t, m, h = self.mask.shape
@@ -44,19 +85,17 @@ class Episodes:
         return self.actions.reshape(t, m * h, -1)
 
 
-@torch.no_grad()
-def rollout(
+def _run(
     env: VectorEnv,
     policy: GaussianPolicy,
     params: Params,
     tasks: Tensor,
-    *,
-    episodes_per_task: int,
+    m: int,
     horizon: int,
     generator: torch.Generator,
 ) -> Episodes:
-    """Run ``episodes_per_task`` episodes of each task t with its weights ``params[..][t]``."""
-    t, m = tasks.shape[0], episodes_per_task
+    """One wave: ``m`` episodes of each task in lock-step, each until done or ``horizon``."""
+    t = tasks.shape[0]
     device = next(iter(params.values())).device
     obs = env.reset(tasks.repeat_interleave(m, 0), generator).to(device)
     alive = torch.ones(t * m, device=device)
@@ -83,6 +122,56 @@ def rollout(
         return out.view(t, m, horizon, *out.shape[2:])
 
     return Episodes(stack(observations), stack(actions), stack(rewards), stack(masks))
+
+
+def _first_until(waves: list[Episodes], budget: int) -> Episodes:
+    """Each task's first trajectories (wave by wave) until their steps reach ``budget``; the
+    kept ones moved to the front of the slots, the slots trimmed to the most any task keeps."""
+    obs, actions, rewards, mask = (
+        torch.cat([getattr(w, name) for w in waves], dim=1)
+        for name in ("obs", "actions", "rewards", "mask")
+    )
+    lengths = mask.sum(-1)  # [T, M]
+    before = lengths.cumsum(1) - lengths  # steps collected before each trajectory
+    keep = (before < budget).float()
+    order = torch.sort(keep, dim=1, descending=True, stable=True).indices
+    slots = max(int(keep.sum(1).max().item()), 1)
+    order = order[:, :slots]
+    kept = keep.gather(1, order)
+
+    def take(x: Tensor) -> Tensor:
+        index = order.view(*order.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:])
+        out = x.gather(1, index)
+        return out * kept.view(*kept.shape, *[1] * (x.dim() - 2))
+
+    return Episodes(take(obs), take(actions), take(rewards), take(mask))
+
+
+@torch.no_grad()
+def rollout(
+    env: VectorEnv,
+    policy: GaussianPolicy,
+    params: Params,
+    tasks: Tensor,
+    *,
+    episodes_per_task: int,
+    horizon: int,
+    generator: torch.Generator,
+    sampling: str = "episodes",
+) -> Episodes:
+    """Episodes of each task t with its weights ``params[..][t]``: ``episodes_per_task`` (M) of
+    them (``sampling=episodes``), or whole ones until M·``horizon`` time steps (``steps``; waves
+    of M run in lock-step until every task has its steps, rllab's sampler's budget)."""
+    if sampling == "episodes":
+        return _run(env, policy, params, tasks, episodes_per_task, horizon, generator)
+    budget = episodes_per_task * horizon
+    waves: list[Episodes] = []
+    collected = torch.zeros(tasks.shape[0])
+    while bool((collected < budget).any()):
+        wave = _run(env, policy, params, tasks, episodes_per_task, horizon, generator)
+        waves.append(wave)
+        collected = collected + wave.mask.sum((1, 2)).cpu()
+    return _first_until(waves, budget)
 
 
 def discounted_returns(rewards: Tensor, discount: float) -> Tensor:
@@ -131,4 +220,5 @@ def with_advantages(episodes: Episodes, *, discount: float, normalize: bool) -> 
         var = ((adv - mean).square() * episodes.mask).sum((1, 2), keepdim=True) / count
         adv = (adv - mean) / (var.sqrt() + 1e-8) * episodes.mask
     episodes.advantages = adv
+    episodes._packed = None
     return episodes

@@ -22,14 +22,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from maml_runner.errors import positive_int, require
+from maml_runner.errors import choose, positive_int, require
 from maml_runner.maml import per_task
 from maml_runner.maml.core import check_inner
 from maml_runner.maml.engine import inner_update
 from maml_runner.maml.functional import Params
 from maml_runner.models.policy import GaussianPolicy, kl_divergence, log_prob
 from maml_runner.rl.envs import VectorEnv
-from maml_runner.rl.episodes import Episodes, rollout, with_advantages
+from maml_runner.rl.episodes import SAMPLINGS, Episodes, rollout, with_advantages
 from maml_runner.rl.trpo import TRPO, Objective
 from maml_runner.tasks.base import make_generator, stream_seed
 
@@ -41,6 +41,7 @@ def _masked_task_mean(values: Tensor, mask: Tensor) -> Tensor:
 
 def pg_loss(policy: GaussianPolicy, params: Params, episodes: Episodes) -> Tensor:
     """Vanilla policy-gradient loss of each task, ``[T]``: −mean(log π(a|s)·Â)."""
+    episodes = episodes.packed()
     mean, log_std = policy.distribution(params, episodes.flat_obs())
     logp = log_prob(mean, log_std, episodes.flat_actions()).view_as(episodes.mask)
     return -_masked_task_mean(logp * episodes.advantages, episodes.mask)
@@ -62,8 +63,8 @@ class MetaRL:
 
     Raises:
         InvalidArgument: ``inner_lr`` < 0, ``inner_steps`` not an integer >= 0,
-            ``episodes_per_task`` or ``horizon`` not an integer >= 1, or ``discount``
-            outside (0, 1].
+            ``episodes_per_task`` or ``horizon`` not an integer >= 1, ``discount``
+            outside (0, 1], or a ``sampling`` not in ``SAMPLINGS``.
     """
 
     def __init__(
@@ -78,8 +79,10 @@ class MetaRL:
         horizon: int,
         discount: float,
         normalize_advantages: bool,
+        sampling: str = "episodes",
     ) -> None:
         check_inner(inner_lr, inner_steps)
+        choose("sampling", sampling, SAMPLINGS)
         positive_int("episodes_per_task", episodes_per_task)
         positive_int("horizon", horizon)
         require(0 < discount <= 1, "discount", discount, "need 0 < discount <= 1")
@@ -87,6 +90,7 @@ class MetaRL:
         self.inner_lr, self.inner_steps, self.first_order = inner_lr, inner_steps, first_order
         self.episodes_per_task, self.horizon = episodes_per_task, horizon
         self.discount, self.normalize = discount, normalize_advantages
+        self.sampling = sampling
         self.params: Params = dict(policy.named_parameters())
 
     def sample(
@@ -96,7 +100,8 @@ class MetaRL:
         generator: torch.Generator,
         episodes_per_task: int | None = None,
     ) -> Episodes:
-        """Episodes of each task under ``params`` (``episodes_per_task``: K by default)."""
+        """Episodes of each task under ``params`` (``episodes_per_task``: K by default; with
+        ``sampling=steps``, whole ones until K·horizon time steps)."""
         params = {n: p.detach() for n, p in params.items()}
         episodes = rollout(
             self.env,
@@ -106,6 +111,7 @@ class MetaRL:
             episodes_per_task=episodes_per_task or self.episodes_per_task,
             horizon=self.horizon,
             generator=generator,
+            sampling=self.sampling,
         )
         return with_advantages(episodes, discount=self.discount, normalize=self.normalize)
 
@@ -135,6 +141,7 @@ class MetaRL:
             generator=generator,
         )
         *inner, post = sampled.episodes
+        post = post.packed()  # the surrogate and KL read only live steps
         fast = sampled.params
         with torch.no_grad():  # π_old: copies, since TRPO moves θ (and θ'ᵢ = θ without inner steps)
             old = {n: p.clone() for n, p in fast.items()}
@@ -186,7 +193,7 @@ class MetaRL:
         returns, sampled = [], []
         for s in range(steps + 1):
             episodes = self.sample(fast, tasks, generator, episodes_per_task)
-            returns.append(episodes.returns.mean(1))
+            returns.append(episodes.mean_return())
             sampled.append(episodes)
             if s < steps:
                 step_lr = lr / 2 if halve_lr and s > 0 else lr
@@ -220,6 +227,8 @@ METRICS = (
     "meta_train/return_pre",
     "meta_train/kl",
     "meta_train/backtracks",
+    # surrogate loss before − after the accepted step (0 when the line search gave up)
+    "meta_train/surrogate_improvement",
 )
 
 
@@ -229,6 +238,8 @@ def trpo_step(learner: MetaRL, optimizer: TRPO, stream: RLTaskStream) -> Callabl
     def update(step: int) -> Tensor:
         objective, returns = learner.meta_objective(*stream.batch(step))
         stats = optimizer.step(objective)
-        return torch.cat([returns, returns.new_tensor([stats["kl"], stats["backtracks"]])])
+        improvement = stats["surrogate_before"] - stats["surrogate"]
+        health = [stats["kl"], stats["backtracks"], improvement]
+        return torch.cat([returns, returns.new_tensor(health)])
 
     return update
