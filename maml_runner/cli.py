@@ -318,9 +318,12 @@ def train(ctx: typer.Context) -> None:
     flags = [o for o in overrides if o.startswith("-")]
     cfg = None
     if all(f in ("-m", "--multirun") for f in flags):  # Hydra's --cfg/--info print and exit
-        cfg = check_overrides(overrides, multirun=bool(flags))
-        if flags:
+        cfg = check_overrides(overrides, multirun=True)  # a sweep at its first value
+        # a multirun by -m, or by the config (a table preset sets hydra.mode=MULTIRUN)
+        if flags or str(cfg.hydra.mode).endswith("MULTIRUN"):
             check_sweep_jobs(overrides, cfg)
+        elif any("," in o.partition("=")[2] for o in overrides):
+            cfg = check_overrides(overrides, multirun=False)  # refuses a sweep without -m
     overrides = absolute_searchpath(resume_overrides(overrides))
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if torchrun:

@@ -492,7 +492,10 @@ def test_the_family_refuses_bad_settings_in_one_line(tmp_path: Path) -> None:
             ["algorithm=mamlpp", "algorithm.msl=true", "algorithm.msl_epochs=0"],
             "algorithm.msl_epochs=0: must be an integer >= 1",
         ),
-        (["task=nav2d", "experiment=finn17_nav2d", "algorithm=anil"], "algorithm=anil: RL tasks (task=nav2d)"),
+        (
+            ["task=nav2d", "experiment=finn17_nav2d", "algorithm=anil"],
+            "algorithm=anil: RL tasks (task=nav2d)",
+        ),
     ]
     for overrides, message in bad:
         proc = maml_run(

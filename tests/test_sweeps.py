@@ -173,3 +173,13 @@ def test_a_sweep_validates_every_job_before_launching_one(
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert message in proc.stderr, proc.stderr
     assert not (tmp_path / "multirun").exists() and not (tmp_path / "outputs").exists()
+
+
+def test_a_table_preset_is_a_sweep_checked_before_its_first_job(tmp_path: Path) -> None:
+    """A table sets hydra.mode=MULTIRUN itself (no -m): its jobs are checked all the same."""
+    proc = maml_run(
+        ["table=finn17_sinusoid", "inner.lr=0.01,-1", "trainer.steps=2"], cwd=tmp_path, check=False
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "of the sweep's 12 (" in proc.stderr and "none was launched: inner.lr=-1" in proc.stderr
+    assert not (tmp_path / "multirun").exists()
