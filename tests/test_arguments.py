@@ -125,7 +125,7 @@ CASES: list[tuple[str, Callable[[Path], object], str, str]] = [
     ("mlp-out", lambda _: MLP(1, 0), "out_features", INTEGER),
     ("mlp-hidden", lambda _: MLP(1, 1, hidden=[40, 0]), "hidden", "integers >= 1"),
     ("mlp-activation", lambda _: MLP(1, 1, activation="gelu"), "activation", one_of(ACTIVATIONS)),
-    ("mlp-init", lambda _: MLP(1, 1, init="xavier"), "init", one_of(INITS)),
+    ("mlp-init", lambda _: MLP(1, 1, init="glorot"), "init", one_of(INITS)),
     ("conv-channels", lambda _: Conv4(0, 28, 5), "in_channels", INTEGER),
     ("conv-image-size", lambda _: Conv4(1, 0, 5), "image_size", INTEGER),
     ("conv-classes", lambda _: Conv4(1, 28, 0), "num_classes", INTEGER),
