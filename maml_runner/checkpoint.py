@@ -160,9 +160,9 @@ def check_model(model: nn.Module, state: dict[str, Any], where: str) -> None:
     for key in sorted(set(ours) | set(theirs)):
         if ours.get(key) != theirs.get(key):
             raise UserError(
-                f"resume={where}: the checkpoint's model differs from the configured one at "
-                f"{key}: checkpoint {theirs.get(key)}, config {ours.get(key)}; resume with the "
-                f"run's own model settings"
+                f"{where}: the checkpoint's model differs from the configured one at "
+                f"{key}: checkpoint {theirs.get(key)}, config {ours.get(key)}; use the run's "
+                f"own model settings"
             )
 
 
@@ -177,7 +177,7 @@ def load_weights(
     if ours != theirs:
         key = min(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
         raise UserError(
-            f"resume={where}: the checkpoint's learned meta-parameters differ from the configured "
+            f"{where}: the checkpoint's learned meta-parameters differ from the configured "
             f"algorithm's at {key}: checkpoint {theirs.get(key)}, config {ours.get(key)}; use the "
             f"run's own algorithm settings"
         )
@@ -215,7 +215,7 @@ def resume(
         return Resumed()
     path = resolve(where)
     state = load(path, device)
-    load_weights(state, model, learned, str(where))
+    load_weights(state, model, learned, f"resume={where}")
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None:

@@ -663,10 +663,8 @@ def _evaluate(run: Path, overrides, num_tasks, seed, steps, device, ensemble) ->
         record = {"checkpoint": str(path), "step": state["step"]}
         record["meta_test"] = tested.result.to_dict()
         if members:
-            states = [checkpoint.load(p) for p in members]
+            states = [checkpoint.load(p) for p in members]  # each checked as the job loads it
             steps_of = [s["step"] for s in states]
-            for p, member in zip(members, states):
-                checkpoint.check_model(job.model, member, str(p))
             ensembled = job.meta_test_ensemble(states)
             console.print(f"ensemble of the {len(states)} best validation steps {steps_of}:")
             print_result(Tested(ensembled), computed, None)

@@ -120,19 +120,20 @@ def ensemble_test(
     """
     task_loss = learner.task_loss
     total: list[torch.Tensor] = []  # per chunk of tasks: [steps+1, T, Q, ...], summed over members
-    for load in members:
+    rows: dict[str, list[torch.Tensor]] = {"loss": []}
+    rows.update({name: [] for name in task_loss.metrics})
+    for member, load in enumerate(members):
         load()
-        for i, batch in enumerate(tasks.batches()):
+        last = member == len(members) - 1
+        for i, batch in enumerate(tasks.batches()):  # image task sets are redrawn: once a member
             pred = torch.stack([p(batch.query_x) for p in learner.adaptation(params, batch, steps)])
             if i < len(total):
                 total[i] += pred
             else:
                 total.append(pred)
-    rows: dict[str, list[torch.Tensor]] = {"loss": []}
-    rows.update({name: [] for name in task_loss.metrics})
-    for summed, batch in zip(total, tasks.batches()):
-        mean = summed / len(members)
-        rows["loss"].append(torch.stack([task_loss.loss(m, batch.query_y) for m in mean]))
-        for name, fn in task_loss.metrics.items():
-            rows[name].append(torch.stack([fn(m, batch.query_y) for m in mean]))
+            if last:  # the metrics of the members' mean, while this chunk is at hand
+                mean = total[i] / len(members)
+                rows["loss"].append(torch.stack([task_loss.loss(m, batch.query_y) for m in mean]))
+                for name, fn in task_loss.metrics.items():
+                    rows[name].append(torch.stack([fn(m, batch.query_y) for m in mean]))
     return EvalResult.of({f"query_{n}": torch.cat(v, 1) for n, v in rows.items()})
