@@ -182,6 +182,13 @@ def validate_rl(cfg: DictConfig) -> None:
     )
     if t.env == "nav2d":
         _require(t.goal == "position", "task.goal", t.goal, "nav2d tasks are goal positions")
+    scale = t.eval_later_lr_scale
+    _require(
+        isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0,
+        "task.eval_later_lr_scale",
+        scale,
+        "give a number > 0 (the meta-test's steps after the first use α times it; 1: all α)",
+    )
 
 
 def validate(cfg: DictConfig) -> None:
@@ -759,7 +766,7 @@ def _build_rl(cfg: DictConfig) -> RLJob:
         inner_lr=cfg.inner.lr,
         eval_k_shot=t.eval_k_shot,
         eval_steps=cfg.inner.eval_steps,
-        halve_lr=t.eval_halve_lr,
+        later_lr_scale=t.eval_later_lr_scale,
         val_seed=cfg.trainer.val_seed,
         test_seed=cfg.eval.seed,
         validate_every=cfg.trainer.val_every > 0,

@@ -188,7 +188,7 @@ class RLTaskConfig:
     sampling: str = MISSING
     env_kwargs: dict[str, Any] = MISSING
     workers: int = MISSING
-    eval_halve_lr: bool = MISSING
+    eval_later_lr_scale: float = MISSING
 
 
 @dataclass

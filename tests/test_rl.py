@@ -399,6 +399,33 @@ def test_rl_resume_is_exact_and_evaluate_reads_rl_runs(tmp_path) -> None:
     assert table.count("nav2d random init") == 1  # same task and seed: one shared init row
 
 
+def test_meta_test_later_steps_use_the_scaled_step_size() -> None:
+    """Step 1 at α, steps 2.. at α·task.eval_later_lr_scale (the reference tests: 0.5; the ant's
+    direction: 0.01), replayed by hand on the episodes the adaptation sampled."""
+    from maml_runner.build import build
+
+    for scale in (0.5, 0.01):
+        cfg = make_config([*TINY_NAV, f"task.eval_later_lr_scale={scale}", "inner.lr=0.3"])
+        job = build(cfg)
+        try:
+            tasks = job.test_tasks[:2]
+            adapted = job.adaptation(job.learner.params, tasks, 2, seed=0)
+            by_hand = per_task({n: p.detach() for n, p in job.learner.params.items()}, 2)
+            for episodes, lr in zip(adapted.episodes[:2], (0.3, 0.3 * scale), strict=True):
+                with torch.enable_grad():
+                    by_hand = {n: p.requires_grad_() for n, p in by_hand.items()}
+                    loss = pg_loss(job.learner.policy, by_hand, episodes).sum()
+                    grads = torch.autograd.grad(loss, list(by_hand.values()))
+                by_hand = {
+                    n: (p - lr * g).detach()
+                    for (n, p), g in zip(by_hand.items(), grads, strict=True)
+                }
+            for name, value in adapted.params.items():
+                torch.testing.assert_close(value, by_hand[name], rtol=1e-6, atol=1e-7)
+        finally:
+            job.close()
+
+
 def test_rl_bad_input_is_one_line(tmp_path) -> None:
     for args, expected in (
         (["task=nav2d"], "model=mlp: task=nav2d needs model=gaussian_mlp outer=trpo"),
@@ -407,6 +434,10 @@ def test_rl_bad_input_is_one_line(tmp_path) -> None:
         ([*TINY_NAV, "task.goal_shape=star"], "task.goal_shape=star: choose one of"),
         ([*TINY_NAV, "task.sampling=paths"], "task.sampling=paths: choose one of"),
         ([*TINY_NAV, "model.init=glorot"], "model.init=glorot: choose one of"),
+        (
+            [*TINY_NAV, "task.eval_later_lr_scale=0"],
+            "task.eval_later_lr_scale=0.0: give a number > 0",
+        ),
         ([*TINY_NAV, "task=cheetah_dir", "task.env=Nope-v0"], "task.env=Nope-v0"),
         (["task=sinusoid", "outer=trpo"], "the Gaussian policy and TRPO are for RL tasks"),
     ):

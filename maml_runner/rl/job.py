@@ -38,7 +38,7 @@ class RLJob(Job):
     inner_lr: float  # α at validation and meta-test
     eval_k_shot: int  # episodes per task and step at validation and meta-test
     eval_steps: int
-    halve_lr: bool  # at meta-test, steps after the first use α/2 (the reference code's test)
+    later_lr_scale: float  # at meta-test, steps after the first use α times this
     val_seed: int
     test_seed: int
     validate_every: bool  # validation on (trainer.val_every > 0)
@@ -55,7 +55,7 @@ class RLJob(Job):
             tasks,
             steps=steps,
             lr=self.inner_lr,
-            halve_lr=self.halve_lr,
+            later_lr_scale=self.later_lr_scale,
             generator=make_generator(seed, torch.device("cpu")),
             episodes_per_task=self.eval_k_shot,
         )

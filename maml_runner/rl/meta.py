@@ -137,7 +137,7 @@ class MetaRL:
             tasks,
             steps=self.inner_steps,
             lr=self.inner_lr,
-            halve_lr=False,
+            later_lr_scale=1.0,
             generator=generator,
         )
         *inner, post = sampled.episodes
@@ -179,15 +179,16 @@ class MetaRL:
         *,
         steps: int,
         lr: float,
-        halve_lr: bool,
+        later_lr_scale: float,
         generator: torch.Generator,
         episodes_per_task: int | None = None,
     ) -> AdaptationResult:
         """Sample, take a policy-gradient step, sample again, ... ``steps`` times from θ.
 
         The paper's test (returns after 0..steps steps) and the sampling half of a
-        meta-iteration. With ``halve_lr`` the steps after the first use α/2, as the reference
-        code's tests. ``episodes_per_task``: K at meta-test (``task.eval_k_shot``).
+        meta-iteration. The steps after the first use α·``later_lr_scale`` (the reference
+        code's tests: 0.5; the ant's direction: 0.01). ``episodes_per_task``: K at meta-test
+        (``task.eval_k_shot``).
         """
         fast = per_task({n: p.detach() for n, p in params.items()}, tasks.shape[0])
         returns, sampled = [], []
@@ -196,7 +197,7 @@ class MetaRL:
             returns.append(episodes.mean_return())
             sampled.append(episodes)
             if s < steps:
-                step_lr = lr / 2 if halve_lr and s > 0 else lr
+                step_lr = lr * later_lr_scale if s > 0 else lr
                 with torch.enable_grad():
                     fast = {n: p.requires_grad_() for n, p in fast.items()}
                     fast = self.adapt(fast, [episodes], step_lr, create_graph=False)
