@@ -25,7 +25,7 @@ from maml_runner.maml import MAML, TaskBatch
 from maml_runner.maml.batch_norm import StepStatistics, norm_layers
 from maml_runner.maml.engine import engine_for, use_statistics
 from maml_runner.maml.family import MAMLpp
-from maml_runner.models import Conv4
+from maml_runner.models import Conv4, ResNet12
 from maml_runner.tasks.losses import classification_loss
 from tests.helpers import QUICK, make_config, maml_run, read_metrics
 from tests.nets import NormConv
@@ -39,6 +39,8 @@ MODELS = {
         "batched",
     ),  # fmt: skip
     "batchnorm_conv": (lambda: NormConv(1, SIZE, WAYS, "batch"), "torch.func"),
+    # torch.func path, batch norm without running statistics of its own
+    "resnet12": (lambda: ResNet12(1, SIZE, WAYS, [2, 3], norm="batch"), "torch.func"),
 }
 
 
@@ -124,6 +126,22 @@ def test_running_statistics_equal_a_per_task_loop(name: str, kind: str) -> None:
             torch.testing.assert_close(var, ref.running_var, rtol=1e-12, atol=1e-14)
     # the module's own running statistics are neither read nor updated
     assert all(torch.equal(b, own[n]) for n, b in model.named_buffers())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_passes_of_tasks_update_the_statistics_as_one(name: str) -> None:
+    """``trainer.tasks_per_pass``: the passes' updates, in task order, are the whole batch's."""
+    stats = []
+    for passes in ([(0, T)], [(0, 2), (2, T)]):
+        model = make(name)
+        learner = learner_of("mamlpp_msl", model, per_step=True)
+        params = dict(model.named_parameters())
+        for lo, hi in passes:
+            learner.outer_loss(params, batch(0).tasks(lo, hi))
+        stats.append(learner.learned.bn_stats.state_dict())
+    whole, parts = stats
+    for key in whole:
+        torch.testing.assert_close(whole[key], parts[key], rtol=1e-12, atol=1e-14)
 
 
 @pytest.mark.parametrize("name", list(MODELS))
@@ -279,3 +297,14 @@ def test_a_custom_module_without_batch_norm_is_refused_in_one_line(tmp_path: Pat
     assert proc.returncode == 2, proc.stderr
     assert "model.batch_norm_stats=per_step: the model has no batch-norm layer" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_per_step_is_refused_under_torchrun_and_for_a_cumulative_momentum(monkeypatch) -> None:
+    from maml_runner import build as build_module
+
+    cfg = make_config([*QUICK, "model.batch_norm=true", "model.batch_norm_stats=per_step"])
+    monkeypatch.setattr(build_module.distributed, "launched", lambda: True)
+    with pytest.raises(UserError, match=r"^model.batch_norm_stats=per_step: not under torchrun"):
+        build_module.validate(cfg)
+    with pytest.raises(ValueError, match="batch-norm layer 1 has momentum=None"):
+        StepStatistics(nn.Sequential(nn.Linear(2, 3), nn.BatchNorm1d(3, momentum=None)), 1)
