@@ -27,8 +27,10 @@ from maml_runner import distributed
 from maml_runner.errors import InvalidArgument, UserError
 from maml_runner.job import Job, Report, SupervisedJob
 from maml_runner.maml import MAML, Pretrain, TaskLoss
+from maml_runner.maml.batch_norm import MODES as BATCH_NORM_STATS
+from maml_runner.maml.batch_norm import StepStatistics
 from maml_runner.maml.core import check_inner
-from maml_runner.maml.engine import engine_for
+from maml_runner.maml.engine import engine_for, use_statistics
 from maml_runner.maml.family import ANIL, MAMLpp, MetaSGD
 from maml_runner.maml.reptile import Reptile
 from maml_runner.models import MLP, Conv4, ResNet12
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from maml_runner.rl.job import RLJob
 
 ALGORITHMS = ("maml", "pretrain", "metasgd", "anil", "mamlpp", "reptile")
+PER_STEP_ALGORITHMS = ("maml", "metasgd", "anil", "mamlpp")  # those with an inner loop of steps
 SPLITS = ("paper", "background")
 LOGGER_MODES = ("online", "offline", "disabled")
 TEST_CHECKPOINTS = ("best", "last")
@@ -221,6 +224,58 @@ def validate(cfg: DictConfig) -> None:
     if cfg.task.name == "omniglot":
         split = cfg.task.split
         _require(split in SPLITS, "task.split", split, f"choose one of {', '.join(SPLITS)}")
+    _validate_batch_norm_stats(cfg)
+
+
+def _validate_batch_norm_stats(cfg: DictConfig) -> None:
+    """``model.batch_norm_stats``: one of ``BATCH_NORM_STATS``; ``per_step`` only where it can
+    be honoured (an algorithm with inner steps, one process). The model is checked once built."""
+    if "batch_norm_stats" not in cfg.model:  # gaussian_mlp (RL): no batch norm
+        return
+    mode, key = cfg.model.batch_norm_stats, "model.batch_norm_stats"
+    _require(mode in BATCH_NORM_STATS, key, mode, f"choose one of {', '.join(BATCH_NORM_STATS)}")
+    if mode != "per_step":
+        return
+    name = cfg.algorithm.name
+    why = {
+        "reptile": "Reptile has its own batch-norm choice at meta-test, algorithm.transductive",
+        "pretrain": "the pretrained baseline takes no inner steps to keep statistics of",
+    }
+    _require(
+        name in PER_STEP_ALGORITHMS,
+        key,
+        mode,
+        f"not with algorithm={name} ({why.get(name, 'no inner loop')}); per_step works with "
+        f"algorithm {', '.join(PER_STEP_ALGORITHMS)}, transductive with all",
+    )
+    _require(
+        not distributed.launched(),
+        key,
+        mode,
+        "not under torchrun (each rank would update the statistics from its own tasks alone); "
+        "run it in one process, or choose transductive",
+    )
+
+
+def per_step_statistics(cfg: DictConfig, model: nn.Module) -> StepStatistics | None:
+    """``model.batch_norm_stats=per_step``: the model's per-step batch-norm statistics, given to
+    its engine; None for transductive. Refuses a model that cannot keep them."""
+    if "batch_norm_stats" not in cfg.model or cfg.model.batch_norm_stats != "per_step":
+        return None  # (gaussian_mlp has no such key)
+    try:
+        statistics = StepStatistics(model, cfg.inner.steps)
+    except ValueError as err:
+        allowed = "choose transductive, or a model with batch norm"
+        if cfg.model.name == "mlp":
+            allowed += " (model.batch_norm=true)"
+        elif cfg.model.name in ("conv4", "resnet12"):
+            allowed += " (model.norm=batch)"
+        raise UserError(
+            f"model.batch_norm_stats=per_step: {err} (model={cfg.model.name}, "
+            f"{type(model).__name__}); {allowed}"
+        ) from None
+    use_statistics(model, statistics)
+    return statistics
 
 
 def resolve_device(name: str) -> torch.device:
@@ -385,7 +440,7 @@ def _custom_model(model: DictConfig, input_shape: list[int], num_outputs: int) -
         )
     target = model._target_
     kwargs = OmegaConf.to_container(model, resolve=True)
-    del kwargs["name"], kwargs["_target_"]
+    del kwargs["name"], kwargs["_target_"], kwargs["batch_norm_stats"]  # build's, not the module's
     try:
         make = hydra.utils.get_object(target)
     except Exception as exc:  # Hydra: "Error loading 'x':" and the cause on the next line
@@ -599,6 +654,9 @@ def _build_supervised(cfg: DictConfig) -> SupervisedJob:
     if distributed.is_lead():
         Console().print(engine_for(model).description)
     learner = build_learner(cfg, model, family.task_loss)
+    statistics = per_step_statistics(cfg, model)
+    if statistics is not None:  # BNRS: checkpointed with the learner's own (learned.bn_stats.*)
+        learner.learned.add_module("bn_stats", statistics)
     optimizer = build_optimizer(cfg.outer, model, learner.learned)
     params = dict(model.named_parameters())
     with _keys("task", meta_batch_size="trainer.meta_batch_size"):

@@ -1,10 +1,11 @@
 """Checkpoints that resume a run exactly: weights, optimiser, step, best metric, RNG, config.
 
 The meta-parameters are two state dicts: ``model`` (θ, under the model's own parameter names)
-and ``learned`` (the learner's own meta-parameters beside θ, e.g. Meta-SGD's ``lr.<name>``;
-empty for MAML), so a user's checkpoint shows the user's names under ``model`` whatever the
-algorithm. ``load_weights`` checks and loads both, for resume, best-checkpoint selection and
-``maml-run evaluate`` alike.
+and ``learned`` (the learner's own meta-parameters beside θ, e.g. Meta-SGD's ``lr.<name>``, and
+per-step batch-norm statistics ``bn_stats.<layer>.running_mean/var``; empty for MAML), so a
+user's checkpoint shows the user's names under ``model`` whatever the algorithm.
+``load_weights`` checks and loads both, for resume, best-checkpoint selection and ``maml-run
+evaluate`` alike.
 
 A checkpoint is one ``torch.save`` file, written atomically (temporary file, flushed to disk, then
 renamed), read back with ``weights_only=True`` (no pickled code runs on load). A write that fails
@@ -176,6 +177,12 @@ def load_weights(
     theirs = {k: tuple(v.shape) for k, v in state.get("learned", {}).items()}
     if ours != theirs:
         key = min(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
+        if key.startswith("bn_stats."):  # per-step batch-norm statistics: a model setting
+            raise UserError(
+                f"{where}: the checkpoint's per-step batch-norm statistics differ from the "
+                f"configured ones at {key}: checkpoint {theirs.get(key)}, config {ours.get(key)}; "
+                f"use the run's own model.batch_norm_stats and inner.steps"
+            )
         raise UserError(
             f"{where}: the checkpoint's learned meta-parameters differ from the configured "
             f"algorithm's at {key}: checkpoint {theirs.get(key)}, config {ours.get(key)}; use the "

@@ -209,6 +209,7 @@ class MLPConfig:
     activation: str = MISSING
     init: str = MISSING
     batch_norm: bool = MISSING
+    batch_norm_stats: str = MISSING
 
 
 @dataclass
@@ -222,6 +223,7 @@ class Conv4Config:
     head: str = MISSING
     norm: str = MISSING
     norm_groups: int = MISSING
+    batch_norm_stats: str = MISSING
 
 
 @dataclass
@@ -233,6 +235,7 @@ class ResNet12Config:
     norm: str = MISSING
     norm_groups: int = MISSING
     dropout: float = MISSING
+    batch_norm_stats: str = MISSING
 
 
 @dataclass
@@ -246,12 +249,13 @@ class GaussianMLPConfig:
     init: str = MISSING
 
 
-# ``model=custom``: any module by its import path. Its keys beyond ``name`` and ``_target_`` are
+# ``model=custom``: any module by its import path. Its keys beyond ``name``, ``_target_`` and
+# ``batch_norm_stats`` (build's, not the module's) are
 # the module's own keyword arguments, unknown in advance, so this schema is an open node (OmegaConf
 # has no dataclass that takes extra fields): ``model.channels=[64,128]`` works without ``+``. The
 # other models' schemas stay closed, so a typo there (``model.hiden``) is still refused.
 CUSTOM_MODEL: DictConfig = OmegaConf.create(
-    {"name": MISSING, "_target_": MISSING}, flags={"struct": False}
+    {"name": MISSING, "_target_": MISSING, "batch_norm_stats": MISSING}, flags={"struct": False}
 )
 
 SCHEMAS: dict[str, Any] = {

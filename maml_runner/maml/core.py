@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from maml_runner.errors import positive_int, require
-from maml_runner.maml.engine import StepSize, engine_for
+from maml_runner.maml.engine import StepSize, engine_for, meta_training
 from maml_runner.maml.functional import Params
 from maml_runner.tasks.batch import TaskBatch
 from maml_runner.tasks.losses import TaskLoss
@@ -58,8 +58,8 @@ def adapt(
     batched layers or the torch.func path, ``engine.engine_for``) takes each step.
     """
     engine = engine_for(model)
-    for _ in range(steps):
-        params = engine.step(task_loss, params, x, y, lr, create_graph)
+    for s in range(steps):
+        params = engine.step(task_loss, params, x, y, lr, create_graph, inner_step=s)
     return params
 
 
@@ -127,17 +127,18 @@ class MAML:
 
     def outer_loss(self, params: Params, batch: TaskBatch) -> Tensor:
         """Mean over tasks of the query loss of θ'ᵢ = adapt(θ, support of task i)."""
-        fast = adapt(
-            self.model,
-            self.task_loss,
-            per_task(params, batch.num_tasks),
-            batch.support_x,
-            batch.support_y,
-            lr=self.inner_lr,
-            steps=self.inner_steps,
-            create_graph=not self.first_order,
-        )
-        pred = engine_for(self.model).forward(fast, batch.query_x)
+        with meta_training(self.model):
+            fast = adapt(
+                self.model,
+                self.task_loss,
+                per_task(params, batch.num_tasks),
+                batch.support_x,
+                batch.support_y,
+                lr=self.inner_lr,
+                steps=self.inner_steps,
+                create_graph=not self.first_order,
+            )
+            pred = engine_for(self.model).forward(fast, batch.query_x, self.inner_steps)
         return self.task_loss.loss(pred, batch.query_y).mean()
 
     def adaptation(self, params: Params, batch: TaskBatch, steps: int) -> Iterator[Predict]:
@@ -210,18 +211,25 @@ def stepped_adaptation(
 
     ``weights_at(fast, s)``, when given, are the weights the forward uses at step s (MAML++'s
     per-step batch-norm weights); step s's support forward and the predictor after s + 1 steps
-    use the same s, as in the authors' code.
+    use the same s, as in the authors' code. Per-step batch-norm statistics (BNRS) are those of
+    the weights' own step: s for the support forward of step s and the predictor after s steps.
     """
     engine = engine_for(model)
     at = weights_at or (lambda fast, s: fast)
     fast = per_task({n: p.detach() for n, p in params.items()}, batch.num_tasks)
     for step in range(steps + 1):
-        yield partial(engine.forward, at(fast, max(step - 1, 0)))
+        yield partial(engine.forward, at(fast, max(step - 1, 0)), inner_step=step)
         if step < steps:
             with torch.enable_grad():
                 fast = {n: w.detach().requires_grad_() for n, w in at(fast, step).items()}
                 fast = engine.step(
-                    task_loss, fast, batch.support_x, batch.support_y, step_size(step), False
+                    task_loss,
+                    fast,
+                    batch.support_x,
+                    batch.support_y,
+                    step_size(step),
+                    False,
+                    inner_step=step,
                 )
             fast = {n: w.detach() for n, w in fast.items()}
 

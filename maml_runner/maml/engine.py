@@ -20,7 +20,12 @@ model (and remembers the choice):
 
 Batch norm on the torch.func path normalises each task with its own batch statistics (the
 paper's transductive batch norm, as the batched layers do): every batch-norm module runs in
-training mode without its running statistics, which are neither read nor updated. Modules with
+training mode without its running statistics, which are neither read nor updated. With per-step
+statistics (``use_statistics``, MAML++'s BNRS; ``batch_norm.py``) both engines take the inner
+step of the weights (``inner_step``): inside ``meta_training`` the layers still normalise with
+batch statistics and each task's are recorded (a forward pre-hook on each batch-norm module,
+returned out of the vmap); elsewhere the modules run in eval mode on the step's statistics,
+passed as their ``running_mean`` and ``running_var``. Modules with
 randomness (dropout) draw different numbers for every task (``vmap(randomness="different")``)
 from the global torch RNG, which a run seeds and a checkpoint saves and restores, so a run is
 reproducible and resumes exactly. Dropout follows the model's ``training`` flag.
@@ -30,7 +35,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Protocol
 
 import torch
@@ -39,7 +44,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.overrides import TorchFunctionMode
 
-from maml_runner.maml.functional import Params, batched_forward, unsupported
+from maml_runner.maml.batch_norm import StepStatistics, norm_layers
+from maml_runner.maml.functional import Params, batched_forward, per_step_norms, unsupported
 from maml_runner.tasks.losses import TaskLoss
 
 # An inner step size: one float for every weight (MAML), or by name a tensor broadcastable to the
@@ -67,8 +73,9 @@ class Engine(Protocol):
     """Runs one model with a set of weights per task (see the module docstring)."""
 
     description: str
+    statistics: StepStatistics | None  # per-step batch-norm statistics (BNRS); None: transductive
 
-    def forward(self, params: Params, x: Tensor) -> Tensor: ...
+    def forward(self, params: Params, x: Tensor, inner_step: int = 0) -> Tensor: ...
 
     def step(
         self,
@@ -78,6 +85,7 @@ class Engine(Protocol):
         y: Tensor,
         lr: StepSize,
         create_graph: bool,
+        inner_step: int = 0,
     ) -> Params: ...
 
 
@@ -105,9 +113,15 @@ class BatchedEngine:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.description = f"model {type(model).__name__}: batched layers"
+        self.statistics: StepStatistics | None = None
 
-    def forward(self, params: Params, x: Tensor) -> Tensor:
-        return batched_forward(self.model, params, x)
+    def forward(self, params: Params, x: Tensor, inner_step: int = 0) -> Tensor:
+        """The model on ``x`` with ``params``, weights after ``inner_step`` inner steps (the
+        index of per-step batch-norm statistics; unused by transductive batch norm)."""
+        if self.statistics is None:
+            return batched_forward(self.model, params, x)
+        with per_step_norms(self.statistics, inner_step):
+            return batched_forward(self.model, params, x)
 
     def step(
         self,
@@ -117,9 +131,10 @@ class BatchedEngine:
         y: Tensor,
         lr: StepSize,
         create_graph: bool,
+        inner_step: int = 0,
     ) -> Params:
         def support_loss(p: Params) -> Tensor:
-            return task_loss.loss(batched_forward(self.model, p, x), y)
+            return task_loss.loss(self.forward(p, x, inner_step), y)
 
         return inner_update(support_loss, params, lr, create_graph)
 
@@ -136,27 +151,78 @@ class FuncEngine:
     def __init__(self, model: nn.Module, reason: str = "chosen") -> None:
         self.model = model
         self.description = f"model {type(model).__name__}: torch.func path, because {reason}"
-        self._norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self._named_norms = norm_layers(model)
+        self._norms = [m for _, m in self._named_norms]
+        self.statistics: StepStatistics | None = None
+        self._ran: list[str] = []  # the batch-norm layers of the last per-step forward, in order
 
     @contextmanager
     def _per_task_batch_norm(self) -> Iterator[None]:
-        """Batch norm on each task's own batch statistics; running statistics left alone."""
+        """Batch norm on each task's own batch statistics (or, with per-step statistics
+        outside meta-training, in eval mode on them); the modules' own running statistics are
+        left alone."""
         saved = [(m, m.training, m.track_running_stats) for m in self._norms]
+        training = self.statistics is None or self.statistics.recording
         try:
             for m in self._norms:
-                m.training, m.track_running_stats = True, False
+                m.training, m.track_running_stats = training, False
             yield
         finally:
-            for m, training, track in saved:
-                m.training, m.track_running_stats = training, track
+            for m, was_training, track in saved:
+                m.training, m.track_running_stats = was_training, track
 
     def _one(self, params: Params, x: Tensor) -> Tensor:
         """One task's forward (unbatched ``x`` ``[N, ...]``), by the module's own ``forward``."""
         return functional_call(self.model, {**dict(self.model.named_buffers()), **params}, (x,))
 
-    def forward(self, params: Params, x: Tensor) -> Tensor:
+    def _one_at(self, params: Params, x: Tensor, inner_step: int) -> tuple[Tensor, tuple]:
+        """``_one`` with per-step statistics: meta-training returns each batch-norm forward's
+        batch mean and unbiased variance beside the output (recorded after the vmap, which
+        stacks them per task); otherwise the layers normalise with the step's statistics."""
+        stats = self.statistics
+        if not stats.recording:
+            buffers = dict(self.model.named_buffers())
+            for name, _ in self._named_norms:
+                mean, var = stats.running(name, inner_step)
+                prefix = f"{name}." if name else ""
+                buffers[prefix + "running_mean"], buffers[prefix + "running_var"] = mean, var
+            return functional_call(self.model, {**buffers, **params}, (x,)), ()
+        seen: list[Tensor] = []
+        names = {id(m): n for n, m in self._named_norms}
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            h = args[0].detach()
+            var, mean = torch.var_mean(h, dim=(0, *range(2, h.dim())), correction=1)
+            seen.extend((mean, var))
+            self._ran.append(names[id(module)])  # vmap and grad call this function once
+
+        handles = [m.register_forward_pre_hook(hook) for m in self._norms]
+        try:
+            return self._one(params, x), tuple(seen)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _record(self, inner_step: int, seen: tuple) -> None:
+        """Hand the statistics ``_one_at`` returned (``[T, C]`` each, in the order the layers
+        ran) to ``statistics``."""
+        for i, name in enumerate(self._ran):
+            self.statistics.record(name, inner_step, seen[2 * i], seen[2 * i + 1])
+
+    def forward(self, params: Params, x: Tensor, inner_step: int = 0) -> Tensor:
+        """The model on ``x`` with ``params``, weights after ``inner_step`` inner steps (the
+        index of per-step batch-norm statistics; unused by transductive batch norm)."""
+        if self.statistics is None:
+            with self._per_task_batch_norm():
+                return vmap(self._one, randomness="different")(params, x)
+        self._ran = []
         with self._per_task_batch_norm():
-            return vmap(self._one, randomness="different")(params, x)
+            out, seen = vmap(self._one_at, in_dims=(0, 0, None), randomness="different")(
+                params, x, inner_step
+            )
+        if seen:
+            self._record(inner_step, seen)
+        return out
 
     def step(
         self,
@@ -166,20 +232,36 @@ class FuncEngine:
         y: Tensor,
         lr: StepSize,
         create_graph: bool,
+        inner_step: int = 0,
     ) -> Params:
         rates = _rates(params, lr)
+        stats = self.statistics
 
         def loss(moved: Params, held: Params, x: Tensor, y: Tensor) -> Tensor:
             pred = self._one({**held, **moved}, x).unsqueeze(0)
             return task_loss.loss(pred, y.unsqueeze(0)).squeeze(0)
+
+        def loss_at(moved: Params, held: Params, x: Tensor, y: Tensor) -> tuple[Tensor, tuple]:
+            pred, seen = self._one_at({**held, **moved}, x, inner_step)
+            return task_loss.loss(pred.unsqueeze(0), y.unsqueeze(0)).squeeze(0), seen
 
         # First order: the gradient is a constant (dθ'ᵢ/dθ = I), so take it at detached weights
         # and build no graph through it; second order keeps torch.func.grad's graph in θ.
         at = params if create_graph else {n: w.detach() for n, w in params.items()}
         moved = {n: at[n] for n in rates}
         held = {n: w for n, w in at.items() if n not in rates}
-        with self._per_task_batch_norm(), _CompositeNorms() if create_graph else nullcontext():
-            grads = vmap(grad(loss), randomness="different")(moved, held, x, y)
+        composite = _CompositeNorms() if create_graph else nullcontext()
+        if stats is None:
+            with self._per_task_batch_norm(), composite:
+                grads = vmap(grad(loss), randomness="different")(moved, held, x, y)
+            return _moved(params, grads, rates)
+        self._ran = []
+        with self._per_task_batch_norm(), composite:
+            grads, seen = vmap(grad(loss_at, has_aux=True), randomness="different")(
+                moved, held, x, y
+            )
+        if seen:
+            self._record(inner_step, seen)
         return _moved(params, grads, rates)
 
 
@@ -242,6 +324,19 @@ def use_engine(model: nn.Module, engine: Engine) -> Engine:
     """
     _ENGINES[model] = engine
     return engine
+
+
+def use_statistics(model: nn.Module, statistics: StepStatistics) -> None:
+    """Give ``model``'s batch norm per-step running statistics (BNRS, ``batch_norm.py``), on
+    whichever engine runs it; without this call batch norm is transductive."""
+    engine_for(model).statistics = statistics
+
+
+def meta_training(model: nn.Module) -> AbstractContextManager[None]:
+    """Around a learner's outer loss: with per-step statistics, the forwards inside use batch
+    statistics and update the running ones (``StepStatistics.meta_training``); else nothing."""
+    statistics = engine_for(model).statistics
+    return nullcontext() if statistics is None else statistics.meta_training()
 
 
 def engine_for(model: nn.Module) -> Engine:

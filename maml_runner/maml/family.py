@@ -12,7 +12,8 @@ References:
     Raghu, Raghu, Bengio & Vinyals (2020), Rapid Learning or Feature Reuse? Towards
     Understanding the Effectiveness of MAML, ICLR, arXiv:1909.09157 (ANIL: the head alone adapts).
     Antoniou, Edwards & Storkey (2019), How to train your MAML, ICLR, arXiv:1810.09502 (MAML++:
-    MSL, DA, LSLR, BNWB; CA is ``outer.scheduler``), and the authors' code
+    MSL, DA, LSLR, BNWB; CA is ``outer.scheduler``, BNRS the model's per-step batch-norm
+    statistics, ``batch_norm.py``), and the authors' code
     HowToTrainYourMAMLPytorch (``few_shot_learning_system.py``: the MSL weights, the DA switch).
 """
 
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 
 from maml_runner.errors import InvalidArgument, positive_int, require
 from maml_runner.maml.core import MAML, Learned, Predict, check_inner, per_task, stepped_adaptation
-from maml_runner.maml.engine import StepSize, engine_for
+from maml_runner.maml.engine import StepSize, engine_for, meta_training
 from maml_runner.maml.functional import Params
 from maml_runner.tasks.batch import TaskBatch
 from maml_runner.tasks.losses import TaskLoss
@@ -136,13 +137,21 @@ def head_names(model: nn.Module, head: Sequence[str] | None) -> list[str]:
 def inner_loop_loss(learner: MAML, params: Params, batch: TaskBatch, second: bool) -> Tensor:
     """Query loss after ``learner.inner_steps`` steps of ``learner.step_size(s)``, mean over
     tasks (MAML's outer loss with another step size)."""
-    engine = engine_for(learner.model)
+    engine, steps = engine_for(learner.model), learner.inner_steps
     fast = per_task(params, batch.num_tasks)
-    for s in range(learner.inner_steps):
-        fast = engine.step(
-            learner.task_loss, fast, batch.support_x, batch.support_y, learner.step_size(s), second
-        )
-    return learner.task_loss.loss(engine.forward(fast, batch.query_x), batch.query_y).mean()
+    with meta_training(learner.model):
+        for s in range(steps):
+            fast = engine.step(
+                learner.task_loss,
+                fast,
+                batch.support_x,
+                batch.support_y,
+                learner.step_size(s),
+                second,
+                inner_step=s,
+            )
+        pred = engine.forward(fast, batch.query_x, steps)
+    return learner.task_loss.loss(pred, batch.query_y).mean()
 
 
 class MAMLpp(MAML):
@@ -233,19 +242,21 @@ class MAMLpp(MAML):
         weights = msl_weights(self.inner_steps, epoch, self.msl_epochs) if self.msl else None
         engine, learned = engine_for(self.model), dict(self.learned.named_parameters())
         fast, losses = per_task(params, batch.num_tasks), []
-        for s in range(self.inner_steps):
-            at = self.weights_at(fast, s, learned)
-            fast = engine.step(
-                self.task_loss,
-                at,
-                batch.support_x,
-                batch.support_y,
-                self.step_size(s, learned),
-                second,
-            )
-            if weights is not None or s == self.inner_steps - 1:
-                pred = engine.forward(self.weights_at(fast, s, learned), batch.query_x)
-                losses.append(self.task_loss.loss(pred, batch.query_y).mean())
+        with meta_training(self.model):
+            for s in range(self.inner_steps):
+                at = self.weights_at(fast, s, learned)
+                fast = engine.step(
+                    self.task_loss,
+                    at,
+                    batch.support_x,
+                    batch.support_y,
+                    self.step_size(s, learned),
+                    second,
+                    inner_step=s,
+                )
+                if weights is not None or s == self.inner_steps - 1:
+                    pred = engine.forward(self.weights_at(fast, s, learned), batch.query_x, s + 1)
+                    losses.append(self.task_loss.loss(pred, batch.query_y).mean())
         if weights is None:
             return losses[-1]
         return sum(w * loss for w, loss in zip(weights, losses))

@@ -11,7 +11,9 @@ Image layers work on the ``[N, T*C, H, W]`` memory layout that a grouped convolu
 each layer takes ``[T, N, C, H, W]`` *views* of it, so convolution, batch norm, ReLU and pooling
 chain without copies. Batch norm normalises each task with its own batch statistics (no running
 averages), in training and at test, as the paper's reference code did: it is one
-``F.batch_norm`` call over ``T*C`` channels.
+``F.batch_norm`` call over ``T*C`` channels. Inside ``per_step_norms`` (BNRS,
+``batch_norm.py``) it records each task's batch statistics (meta-training) or normalises every
+task with the inner step's running statistics (validation, meta-test).
 
 Layers are dispatched on their type through ``BATCHED_LAYERS``; a model built from other layers
 gets an error naming the layer.
@@ -19,7 +21,10 @@ gets an error naming the layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -68,17 +73,55 @@ def _conv2d(layer: nn.Conv2d, params: Params, prefix: str, x: Tensor) -> Tensor:
     return _tasks_first(out, t)
 
 
+class StepNorms(Protocol):
+    """Per-step running statistics of the batch-norm layers (``batch_norm.StepStatistics``)."""
+
+    @property
+    def recording(self) -> bool: ...
+
+    def running(self, name: str, inner_step: int) -> tuple[Tensor, Tensor]: ...
+
+    def record(self, name: str, inner_step: int, mean: Tensor, var: Tensor) -> None: ...
+
+
+# The per-step statistics and inner step of the forward in progress (``per_step_norms``); None:
+# transductive batch norm.
+_STEP_NORMS: ContextVar[tuple[StepNorms, int] | None] = ContextVar("step_norms", default=None)
+
+
+@contextmanager
+def per_step_norms(norms: StepNorms, inner_step: int) -> Iterator[None]:
+    """Batch norm in the forwards inside uses ``norms`` at ``inner_step`` (BNRS): records each
+    task's batch statistics while ``norms.recording``, else normalises with the running ones."""
+    token = _STEP_NORMS.set((norms, inner_step))
+    try:
+        yield
+    finally:
+        _STEP_NORMS.reset(token)
+
+
 def _batch_norm(layer: nn.modules.batchnorm._BatchNorm, params: Params, prefix: str, x: Tensor):
     t = x.shape[0]
     weight = params.get(prefix + "weight") if layer.affine else None
     bias = params.get(prefix + "bias") if layer.affine else None
+    norms = _STEP_NORMS.get()
+    running = None
+    if norms is not None:
+        stats, inner_step = norms
+        if stats.recording:  # meta-training: batch statistics, recorded per task
+            dims = (1, *range(3, x.dim()))
+            var, mean = torch.var_mean(x.detach(), dim=dims, correction=1)
+            stats.record(prefix[:-1], inner_step, mean, var)
+        else:  # validation and meta-test: the step's running statistics, for every task
+            mean, var = stats.running(prefix[:-1], inner_step)
+            running = (mean.repeat(t), var.repeat(t))
     out = F.batch_norm(
         _channels_last_task(x),
-        None,
-        None,
+        None if running is None else running[0],
+        None if running is None else running[1],
         None if weight is None else weight.reshape(-1),
         None if bias is None else bias.reshape(-1),
-        training=True,
+        training=running is None,
         eps=layer.eps,
     )
     return _tasks_first(out, t)
