@@ -47,14 +47,15 @@ def test_quick_bench_of_ours_prints_a_rate_for_every_workload() -> None:
 
 sys.path.insert(0, str(REPO / "scripts"))  # the `bench` package
 
+import copy  # noqa: E402
 import dataclasses  # noqa: E402
 import importlib  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from bench.baselines import BASELINES, import_library, unsupported  # noqa: E402
-from bench.harness import GRAD_RTOL, check_gradients  # noqa: E402
-from bench.workloads import WORKLOADS, Runner, Workload  # noqa: E402
+from bench.harness import GRAD_RTOL, check_gradients, make_runner  # noqa: E402
+from bench.workloads import WORKLOADS, Runner, Workload, first_tasks, to_device  # noqa: E402
 
 from maml_runner.models import Conv4  # noqa: E402
 
@@ -87,6 +88,27 @@ def test_family_meta_gradients_agree_with_learn2learn(algorithm: str, workload_n
     workload, tasks = _tiny(workload_name)
     diff = check_gradients(workload, libs, CPU, 0, tasks, tasks, algorithm)["learn2learn"]
     assert diff < 1e-8, (algorithm, workload_name, diff)
+
+
+@pytest.mark.parametrize("algorithm", FAMILY)
+def test_family_meta_steps_move_the_same_meta_parameters_as_learn2learn(algorithm: str) -> None:
+    """Five timed meta-steps in float64: θ and the learned rates stay together, so both outer
+    optimisers step the same meta-parameters (a rate left out of one would drift apart)."""
+    l2l = _learn2learn()
+    workload, tasks = _tiny("sinusoid")
+    init, batch = workload.build(0)
+    batch = to_device(first_tasks(batch, tasks), CPU, torch.float64)
+    runners = [
+        make_runner(name, workload, lib, copy.deepcopy(init).double(), tasks, algorithm)
+        for name, lib in (("ours", None), ("learn2learn", l2l))
+    ]
+    for _ in range(5):
+        for runner in runners:
+            runner.step(batch)
+    ours, theirs = (runner.params for runner in runners)
+    assert len(ours) == len(theirs) == 6 + len(runners[0].learned)
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def _perturbed(algorithm: str) -> object:

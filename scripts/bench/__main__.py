@@ -142,6 +142,7 @@ from bench.baselines import (  # noqa: E402
 from bench.harness import (  # noqa: E402
     BUSY_CORES,
     GRAD_RTOL,
+    OURS,
     Budget,
     Result,
     WorkerError,
@@ -160,7 +161,6 @@ from bench.workloads import (  # noqa: E402
 )
 
 LIBRARIES = ("ours", "general", "learn2learn", "higher")
-OURS = ("ours", "general")
 
 # -------------------------------------------------------------------------------------- output
 
@@ -416,8 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                 verdict = "ok" if diff <= GRAD_RTOL else f"MISMATCH (> {GRAD_RTOL:g})"
                 cells.append(f"{lib_name} {diff:.2e} {verdict}")
                 ok = ok and diff <= GRAD_RTOL
-            where_ = f"{name} ({tasks} task{'s' if tasks > 1 else ''})"
-            print(f"  {where_:<28} " + "   ".join(cells or ["(no baseline to compare)"]))
+            checked = f"{name} ({tasks} task{'s' if tasks > 1 else ''})"
+            print(f"  {checked:<28} " + "   ".join(cells or ["(no baseline to compare)"]))
             print_missing(workload, libs, algorithm, "    ")
         if not ok:
             print("ERROR: meta-gradients disagree with ours; not timing", file=sys.stderr)
