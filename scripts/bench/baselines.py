@@ -121,13 +121,16 @@ def import_library(name: str) -> tuple[Any | None, str | None]:
 
 
 def _l2l_meta_grad(
-    wrapped: Any, workload: Workload, body: nn.Module | None = None
+    wrapped: Any, workload: Workload, body: nn.Module | None = None, *, each_task: bool = True
 ) -> Callable[[TaskBatch], Tensor]:
-    """learn2learn's own examples: per task clone, adapt on support, sum query losses; backward.
+    """learn2learn's examples: per task clone, adapt on the support set, query loss.
 
     ``wrapped`` is an ``l2l.algorithms.MAML`` or ``MetaSGD`` (the same ``clone`` / ``adapt``).
     ``body``: ANIL's pattern, the features computed once by the body and ``wrapped`` holding
-    only the head.
+    only the head. ``each_task``: backward of each task's share of the mean right after its
+    adaptation, as learn2learn's examples do (its tutorial: to free each task's graph as early
+    as possible); False: one backward of the mean over tasks, all tasks' graphs held at once
+    (the MAML row, as it has been measured).
     """
     loss_fn, steps = workload.baseline_loss, workload.inner_steps
 
@@ -140,19 +143,27 @@ def _l2l_meta_grad(
             learner = wrapped.clone()
             for _ in range(steps):
                 learner.adapt(loss_fn(learner(support_x), batch.support_y[t]))
-            total = total + loss_fn(learner(query_x), batch.query_y[t])
+            query_loss = loss_fn(learner(query_x), batch.query_y[t])
+            if each_task:
+                (query_loss / batch.num_tasks).backward()
+                query_loss = query_loss.detach()
+            total = total + query_loss
         loss = total / batch.num_tasks
-        loss.backward()
+        if not each_task:
+            loss.backward()
         return loss.detach()
 
     return meta_grad
 
 
 def make_learn2learn(workload: Workload, l2l: Any, model: nn.Module) -> Runner:
-    """MAML: ``l2l.algorithms.MAML`` as learn2learn's MAML examples use it."""
+    """MAML: ``l2l.algorithms.MAML`` as learn2learn's MAML examples use it, but one backward
+    of the summed query losses (the row as it has been measured; its examples backward each
+    task, which holds less memory)."""
     maml = l2l.algorithms.MAML(model, lr=workload.inner_lr, first_order=False)
     optimizer = torch.optim.Adam(maml.parameters(), OUTER_LR)
-    return Runner("learn2learn", model, _l2l_meta_grad(maml, workload), optimizer)
+    meta_grad = _l2l_meta_grad(maml, workload, each_task=False)
+    return Runner("learn2learn", model, meta_grad, optimizer)
 
 
 def make_learn2learn_metasgd(workload: Workload, l2l: Any, model: nn.Module) -> Runner:
@@ -197,8 +208,9 @@ def make_learn2learn_mamlpp(workload: Workload, l2l: Any, model: nn.Module) -> R
     ``l2l.algorithms.MAML``, and each inner step re-routes every parameter p to
     p − rate[step]·∇p through learn2learn's ``update_module`` (as the example's
     ``maml_pp_update``), then adds step weight × query loss (its multi-step loss, at its
-    initial weights 1/N). The rates are per parameter tensor and step, as ours (the example
-    shares one per layer), initialised to ``inner_lr``.
+    initial weights 1/N), and a backward of each task's loss after its adaptation, as the
+    example. The rates are per parameter tensor and step, as ours (the example shares one per
+    layer), initialised to ``inner_lr``.
     """
     maml = l2l.algorithms.MAML(model, lr=workload.inner_lr, first_order=False)
     names = [n for n, _ in model.named_parameters()]
@@ -214,7 +226,7 @@ def make_learn2learn_mamlpp(workload: Workload, l2l: Any, model: nn.Module) -> R
     def meta_grad(batch: TaskBatch) -> Tensor:
         total = torch.zeros((), dtype=batch.query_x.dtype, device=batch.query_x.device)
         for t in range(batch.num_tasks):
-            learner = maml.clone()
+            learner, task_loss = maml.clone(), torch.zeros_like(total)
             for s in range(steps):
                 support_loss = loss_fn(learner(batch.support_x[t]), batch.support_y[t])
                 params = list(learner.parameters())
@@ -223,10 +235,11 @@ def make_learn2learn_mamlpp(workload: Workload, l2l: Any, model: nn.Module) -> R
                     p.update = -rates[f"lr.{n}"][s] * g
                 learner.module = l2l.utils.update_module(learner.module)
                 query_loss = loss_fn(learner(batch.query_x[t]), batch.query_y[t])
-                total = total + step_weight * query_loss
-        loss = total / batch.num_tasks
-        loss.backward()
-        return loss.detach()
+                task_loss = task_loss + step_weight * query_loss
+            task_loss = task_loss / batch.num_tasks
+            task_loss.backward()
+            total = total + task_loss.detach()
+        return total
 
     optimizer = torch.optim.Adam([*maml.parameters(), *rates.values()], OUTER_LR)
     return Runner("learn2learn", model, meta_grad, optimizer, dict(rates))
