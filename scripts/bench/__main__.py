@@ -45,6 +45,30 @@ What it measures
 
     The baselines follow each library's own MAML example and use Adam's defaults.
 
+    ``--algorithm`` (default ``maml``, the rows above) times another learner of the family
+    (``maml_runner.maml.family``) as ours, on the same workloads, against learn2learn's
+    counterpart where it has one (higher has none of them; Adam over θ and the learner's own
+    meta-parameters in every library):
+
+    * metasgd: ours ``MetaSGD`` with every element of α starting at the workload's inner lr;
+               learn2learn ``l2l.algorithms.MetaSGD(lr=that)``, clone() / adapt() per task.
+    * anil:    ours ``ANIL`` (the head, the last module with parameters, adapts alone);
+               learn2learn the pattern of its examples/vision/anil_fc100.py: the body computed
+               once per task (support and query each alone, so that batch norm sees the same
+               batches as ours) and ``l2l.algorithms.MAML`` wrapping only the head. It needs
+               the model as an ``nn.Sequential`` ending in its head, so ResNet-12 has no
+               learn2learn row.
+    * mamlpp:  ours ``MAMLpp`` with the multi-step loss and per-step learned rates (LSLR),
+               second order, no BNWB and no derivative-order annealing. learn2learn has no
+               MAML++ class, only examples (examples/vision/mamlpp/); its row follows their
+               pattern: ``l2l.algorithms.MAML.clone()`` per task, each inner step re-routing
+               every parameter to p − rate[step]·∇p with ``l2l.utils.update_module``, the
+               query loss after every step weighted 1/N. The rates are per parameter tensor
+               and step, as ours (the example has one per layer and step), starting at the
+               inner lr; the MSL weights stay at epoch 0's 1/N (the bench never advances the
+               epoch). It covers MSL and LSLR, not BNWB, DA or the example's running
+               batch-norm statistics per step.
+
     Each library runs each workload in a process of its own (spawned), so that its peak memory
     can be told apart: on CPU, that process's peak RSS (Linux VmHWM) above its RSS once imports,
     weights, data and optimizer exist; on CUDA, ``max_memory_allocated`` above the memory
@@ -57,14 +81,14 @@ What it measures
     ``--quick`` times 100 sinusoid meta-iterations and a single cold meta-iteration of each image
     workload, in one round, and checks gradients on 1 task: a smoke run, not a measurement.
 
-    Before any timing, the meta-gradient of the mean query loss with respect to θ is computed in
-    float64 by each library's timed code path on every selected workload (the sinusoid on its 25
-    tasks, the image workloads on 2 tasks), and each baseline's is compared with ours: the
-    relative difference is max|g_lib - g_ours| / max|g_ours| for each parameter tensor,
-    maximised over tensors. A tensor whose gradient is zero in exact arithmetic (the conv biases
-    before batch norm, which the normalisation cancels) holds only rounding noise, so the
-    denominator is never less than 1e-6 × the largest |g_ours| of the whole model. If any
-    difference exceeds 1e-6 the script exits with status 1 without timing anything.
+    Before any timing, the meta-gradient of the outer loss with respect to every meta-parameter (θ,
+    and Meta-SGD's α or MAML++'s rates) is computed in float64 by each library's timed code path on
+    every selected workload (the sinusoid on its 25 tasks, the image workloads on 2 tasks), and each
+    baseline's is compared with ours: the relative difference is max|g_lib - g_ours| / max|g_ours|
+    for each parameter tensor, maximised over tensors. A tensor whose gradient is zero in exact
+    arithmetic (the conv biases before batch norm, which the normalisation cancels) holds only
+    rounding noise, so the denominator is never less than 1e-6 × the largest |g_ours| of the whole
+    model. If any difference exceeds 1e-6 the script exits with status 1 without timing anything.
 
     Other processes on the CPUs distort CPU timings far more than their share (torch's threads
     wait for each other), so the load that other processes put on the CPUs while a workload is
@@ -83,6 +107,7 @@ How to run
     python scripts/bench --workload sinusoid --iters 200 --threads 1
     python scripts/bench --general-path --workload sinusoid,omniglot-5w1s   # the two engines
     python scripts/bench --workload resnet12-narrow-5w1s --rounds 1 --seconds 60
+    python scripts/bench --algorithm metasgd --workload sinusoid --threads 1
 
     The baselines are optional (``pip install -e .[bench]``, see the README for the steps that
     build learn2learn on Python 3.11). A missing baseline is reported in one line and skipped.
@@ -107,10 +132,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # scripts/: the `b
 if importlib.util.find_spec("maml_runner") is None:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.baselines import INSTALL_HINT, import_library  # noqa: E402
+from bench.baselines import (  # noqa: E402
+    BASELINES,
+    COUNTERPARTS,
+    INSTALL_HINT,
+    import_library,
+    unsupported,
+)
 from bench.harness import (  # noqa: E402
     BUSY_CORES,
     GRAD_RTOL,
+    OURS,
     Budget,
     Result,
     WorkerError,
@@ -119,7 +151,14 @@ from bench.harness import (  # noqa: E402
     resolve_tasks_per_pass,
     warn_if_busy,
 )
-from bench.workloads import DEFAULT_WORKLOADS, OUTER_LR, WORKLOADS, Workload, batched  # noqa: E402
+from bench.workloads import (  # noqa: E402
+    ALGORITHMS,
+    DEFAULT_WORKLOADS,
+    OUTER_LR,
+    WORKLOADS,
+    Workload,
+    batched,
+)
 
 LIBRARIES = ("ours", "general", "learn2learn", "higher")
 
@@ -227,6 +266,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--rounds", type=int, help="turns the libraries take (default 4, with --quick 1)"
     )
+    parser.add_argument(
+        "--algorithm",
+        choices=list(ALGORITHMS),
+        default="maml",
+        help="the learner ours runs, timed against learn2learn's counterpart where it has one "
+        "(default: maml, against learn2learn and higher)",
+    )
     parser.add_argument("--quick", action="store_true", help="a ~1 minute smoke run")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -272,9 +318,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def libs_for(workload: Workload, libs: dict[str, Any]) -> dict[str, Any]:
-    """The libraries to time on ``workload``: no 'general' row where ours is that path already."""
-    return {n: lib for n, lib in libs.items() if n != "general" or batched(workload)}
+def libs_for(workload: Workload, libs: dict[str, Any], algorithm: str = "maml") -> dict[str, Any]:
+    """The libraries to time on ``workload``: no 'general' row where ours is that path already,
+    no baseline without a counterpart of ``algorithm`` on it (``baselines.unsupported``)."""
+    return {
+        n: lib
+        for n, lib in libs.items()
+        if (n != "general" or batched(workload))
+        and (n in OURS or unsupported(algorithm, n, workload) is None)
+    }
+
+
+def print_missing(workload: Workload, libs: dict[str, Any], algorithm: str, indent: str) -> None:
+    """One line per selected baseline that has no counterpart of ``algorithm`` on ``workload``."""
+    for name in libs:
+        reason = None if name in OURS else unsupported(algorithm, name, workload)
+        if reason:
+            print(f"{indent}{name}: not timed on {workload.name}: {reason}")
 
 
 def budget_for(workload: Workload, args: argparse.Namespace) -> Budget:
@@ -304,10 +364,15 @@ def main(argv: list[str] | None = None) -> int:
     libs: dict[str, Any] = {"ours": None}
     if args.general_path:
         libs["general"] = None
+    algorithm, label = args.algorithm, ALGORITHMS[args.algorithm]
+    baselines = list(BASELINES[algorithm])  # the libraries with a counterpart of the algorithm
     if args.only == "ours":
-        print(f"--only ours: skipping learn2learn and higher (for them: {INSTALL_HINT})")
+        print(f"--only ours: skipping {' and '.join(baselines)} (for them: {INSTALL_HINT})")
     else:
-        for name in ("learn2learn", "higher"):
+        if algorithm != "maml":
+            absent = [n for n in ("learn2learn", "higher") if n not in baselines]
+            print(f"{label}: {', '.join(absent)} has no counterpart; not timed")
+        for name in baselines:
             lib, note = import_library(name)
             if note:
                 print(note)
@@ -316,34 +381,41 @@ def main(argv: list[str] | None = None) -> int:
 
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(
-        f"second-order MAML, Adam {OUTER_LR:g} outer; torch {torch.__version__} on {where}, "
+        f"second-order {label}, Adam {OUTER_LR:g} outer; torch {torch.__version__} on {where}, "
         f"{torch.get_num_threads()} threads"
     )
-    versions = [f"{name} {_version(name)}" for name in libs if name not in ("ours", "general")]
+    versions = [f"{name} {_version(name)}" for name in libs if name not in OURS]
     if versions:
         print("baselines: " + ", ".join(versions))
+    if algorithm != "maml" and len(libs) > 1:
+        print(COUNTERPARTS[algorithm])
 
     warn_if_busy()
     if args.quick:
         print("--quick: a smoke run; its timings are rough (1 cold meta-iteration of image work)")
 
     if len(libs) > 1:
-        print("\nfloat64 meta-gradient, max relative difference vs ours:")
+        of = {"metasgd": " of θ and α", "mamlpp": " of θ and the rates", "anil": " of θ"}
+        print(f"\nfloat64 meta-gradient{of.get(algorithm, '')}, max relative difference vs ours:")
         ok = True  # the baselines' meta-gradients agree with ours
         for name in args.workloads:
             workload = WORKLOADS[name]
             tasks = 1 if args.quick else workload.check_tasks
             per_pass = resolve_tasks_per_pass(workload, args)
-            diffs = check_gradients(
-                workload, libs_for(workload, libs), device, args.seed, tasks, per_pass
+            compared = libs_for(workload, libs, algorithm)
+            diffs = (  # nothing to compute where ours has no baseline on the workload
+                check_gradients(workload, compared, device, args.seed, tasks, per_pass, algorithm)
+                if len(compared) > 1
+                else {}
             )
             cells = []
             for lib_name, diff in diffs.items():
                 verdict = "ok" if diff <= GRAD_RTOL else f"MISMATCH (> {GRAD_RTOL:g})"
                 cells.append(f"{lib_name} {diff:.2e} {verdict}")
                 ok = ok and diff <= GRAD_RTOL
-            label = f"{name} ({tasks} task{'s' if tasks > 1 else ''})"
-            print(f"  {label:<28} " + "   ".join(cells))
+            checked = f"{name} ({tasks} task{'s' if tasks > 1 else ''})"
+            print(f"  {checked:<28} " + "   ".join(cells or ["(no baseline to compare)"]))
+            print_missing(workload, libs, algorithm, "    ")
         if not ok:
             print("ERROR: meta-gradients disagree with ours; not timing", file=sys.stderr)
             return 1
@@ -357,10 +429,11 @@ def main(argv: list[str] | None = None) -> int:
         per_pass = resolve_tasks_per_pass(workload, args)
         how = "--tasks-per-pass" if args.tasks_per_pass else "auto"
         print(f"ours: passes of {per_pass} tasks ({how})")
+        print_missing(workload, libs, algorithm, "")
         print(f"timing {budget.describe()}...")
         try:
             results, others = benchmark(
-                workload, list(libs_for(workload, libs)), budget, args, per_pass
+                workload, list(libs_for(workload, libs, algorithm)), budget, args, per_pass
             )
         except WorkerError as exc:
             print(f"ERROR: {exc}", file=sys.stderr)

@@ -43,15 +43,20 @@ GRAD_RTOL = 1e-6
 
 
 def make_runner(
-    name: str, workload: Workload, lib: Any, model: nn.Module, tasks_per_pass: int
+    name: str,
+    workload: Workload,
+    lib: Any,
+    model: nn.Module,
+    tasks_per_pass: int,
+    algorithm: str = "maml",
 ) -> Runner:
     """Ours in passes of ``tasks_per_pass`` tasks (resolved once per workload), ours on the
-    general (torch.func) path, or a baseline."""
+    general (torch.func) path, or a baseline's counterpart of ``algorithm``."""
     if name == "ours":
-        return make_ours(workload, lib, model, tasks_per_pass)
+        return make_ours(workload, lib, model, tasks_per_pass, algorithm)
     if name == "general":
-        return make_general_path(workload, lib, model, tasks_per_pass)
-    return BASELINES[name](workload, lib, model)
+        return make_general_path(workload, lib, model, tasks_per_pass, algorithm)
+    return BASELINES[algorithm][name](workload, lib, model)
 
 
 OURS = ("ours", "general")  # maml-runner's two engines
@@ -89,13 +94,20 @@ def check_gradients(
     seed: int,
     tasks: int,
     tasks_per_pass: int,
+    algorithm: str = "maml",
 ) -> dict[str, float]:
-    """Relative difference of each baseline's float64 meta-gradient from ours, on ``tasks``."""
+    """Relative difference of each baseline's float64 meta-gradient from ours, on ``tasks``:
+    of all meta-parameters, θ and the algorithm's own (Meta-SGD's α, MAML++'s rates)."""
     init, batch = workload.build(seed)
     batch = to_device(first_tasks(batch, tasks), device, torch.float64)
     grads = {
         name: make_runner(
-            name, workload, lib, copy.deepcopy(init).to(device, torch.float64), tasks_per_pass
+            name,
+            workload,
+            lib,
+            copy.deepcopy(init).to(device, torch.float64),
+            tasks_per_pass,
+            algorithm,
         ).gradient(batch)
         for name, lib in libs.items()
     }
@@ -167,12 +179,19 @@ class WorkerSpec:
     threads: int
     tasks_per_pass: int  # ours, resolved by the parent
     malloc: str  # "ours": only ours keeps freed memory, as maml-run does; "all": every library
+    algorithm: str = "maml"
 
 
-def query_loss_after_adaptation(workload: Workload, model: nn.Module, batch: TaskBatch) -> float:
-    """Mean query loss of the trained weights after the inner steps, computed by our engine."""
+def query_loss_after_adaptation(
+    workload: Workload, algorithm: str, runner: Runner, batch: TaskBatch
+) -> float:
+    """Mean query loss of the trained meta-parameters (θ and the algorithm's own) after the
+    inner steps, computed by our engine (MAML++: the last step's loss alone)."""
+    model = runner.model
+    learner = workload.learner(model, algorithm, first_order=True, msl=False)
+    learner.learned.load_state_dict({n: t.detach() for n, t in runner.learned.items()})
     params = {n: p.detach().requires_grad_() for n, p in model.named_parameters()}
-    return workload.maml(model, first_order=True).outer_loss(params, batch).item()
+    return learner.outer_loss(params, batch).item()
 
 
 def _serve(conn: Connection, spec: WorkerSpec) -> None:
@@ -187,7 +206,9 @@ def _serve(conn: Connection, spec: WorkerSpec) -> None:
     init, batch = workload.build(spec.seed)
     hashed = fingerprint(init, batch)
     batch = to_device(batch, device, torch.float32)
-    runner = make_runner(spec.library, workload, lib, init.to(device), spec.tasks_per_pass)
+    runner = make_runner(
+        spec.library, workload, lib, init.to(device), spec.tasks_per_pass, spec.algorithm
+    )
     memory = PeakMemory(device)
     conn.send(("ready", hashed))
     while True:
@@ -204,7 +225,8 @@ def _serve(conn: Connection, spec: WorkerSpec) -> None:
             conn.send(("ran", done, elapsed, time.process_time() - cpu))
         elif command == "finish":
             peak = memory.growth()
-            conn.send(("result", peak, query_loss_after_adaptation(workload, runner.model, batch)))
+            final = query_loss_after_adaptation(workload, spec.algorithm, runner, batch)
+            conn.send(("result", peak, final))
             return
         else:
             raise ValueError(f"unknown command {command!r}")
@@ -331,6 +353,7 @@ def benchmark(
                 args.threads,
                 tasks_per_pass,
                 args.malloc,
+                args.algorithm,
             ),
         )
         for name in libraries

@@ -1,7 +1,8 @@
 """What the bench times: the workloads (network, task batch, inner loop) and our meta-step.
 
-``make_ours`` is maml-run's own meta-step (``maml_runner.trainer.meta_backward`` over
-``maml_runner.maml.MAML``, Adam fused=True), so that the bench times what a run executes.
+``make_ours`` is maml-run's own meta-step (``maml_runner.trainer.meta_backward`` over the
+learner of ``--algorithm``: ``maml_runner.maml.MAML`` or one of its family, Adam fused=True over
+θ and the learner's own meta-parameters), so that the bench times what a run executes.
 """
 
 from __future__ import annotations
@@ -17,12 +18,20 @@ from torch import Tensor, nn
 
 from maml_runner.maml import MAML, TaskBatch, TaskLoss, classification_loss, regression_loss
 from maml_runner.maml.engine import FuncEngine, use_engine
+from maml_runner.maml.family import ANIL, MAMLpp, MetaSGD
 from maml_runner.maml.functional import unsupported
 from maml_runner.models import MLP, Conv4, ResNet12
 from maml_runner.tasks.sinusoid import Sinusoid
 from maml_runner.trainer import meta_backward
 
 OUTER_LR = 1e-3
+
+# --algorithm: the learner ours runs, and how its headers name it.
+ALGORITHMS = {"maml": "MAML", "metasgd": "Meta-SGD", "anil": "ANIL", "mamlpp": "MAML++"}
+# MAML++ as the bench runs it: multi-step loss and per-step rates (LSLR), second order; no
+# BNWB, no derivative-order annealing. The bench never advances the epoch, so the multi-step
+# loss keeps its epoch-0 weights, 1/N for each of the N steps (msl_epochs only has to be >= 1).
+MAMLPP_FLAGS = dict(msl=True, msl_epochs=10, lslr=True, da_epochs=0, bnwb=False)
 
 
 @dataclass(frozen=True)
@@ -48,14 +57,32 @@ class Workload:
         batch = self.sample(torch.Generator().manual_seed(seed))
         return model, batch
 
-    def maml(self, model: nn.Module, *, first_order: bool = False) -> MAML:
-        return MAML(
-            model,
-            self.task_loss(),
-            inner_lr=self.inner_lr,
-            inner_steps=self.inner_steps,
-            first_order=first_order,
-        )
+    def learner(
+        self,
+        model: nn.Module,
+        algorithm: str = "maml",
+        *,
+        first_order: bool = False,
+        msl: bool = True,
+    ) -> MAML:
+        """Ours: the learner of ``algorithm`` (see ``ALGORITHMS``) with the workload's inner loop.
+
+        Meta-SGD's α starts at the workload's ``inner_lr`` in every element (as learn2learn's
+        ``MetaSGD(lr=...)``); MAML++ runs ``MAMLPP_FLAGS`` (``msl=False``: only the last step's
+        query loss, for the final loss the tables print).
+        """
+        common = dict(inner_steps=self.inner_steps, first_order=first_order)
+        loss = self.task_loss()
+        if algorithm == "maml":
+            return MAML(model, loss, inner_lr=self.inner_lr, **common)
+        if algorithm == "metasgd":
+            return MetaSGD(model, loss, lr_init=(self.inner_lr, self.inner_lr), **common)
+        if algorithm == "anil":
+            return ANIL(model, loss, inner_lr=self.inner_lr, **common)
+        if algorithm == "mamlpp":
+            flags = {**MAMLPP_FLAGS, "msl": msl}
+            return MAMLpp(model, loss, inner_lr=self.inner_lr, **flags, **common)  # type: ignore[arg-type]
+        raise ValueError(f"unknown algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}")
 
 
 def _sinusoid_batch(meta_batch: int, k_shot: int, query: int) -> Callable[..., TaskBatch]:
@@ -208,16 +235,22 @@ def fingerprint(model: nn.Module, batch: TaskBatch) -> str:
 
 @dataclass
 class Runner:
-    """One implementation: ``meta_grad`` writes d(mean query loss)/dθ into ``.grad`` of θ."""
+    """One implementation: ``meta_grad`` writes d(outer loss)/d(meta-parameters) into ``.grad``.
+
+    The meta-parameters are θ (``model``'s parameters) and ``learned``: the algorithm's own
+    (Meta-SGD's α, MAML++'s per-step rates), by ours' names (``lr.<parameter>``), whichever
+    library holds them.
+    """
 
     name: str
     model: nn.Module
     meta_grad: Callable[[TaskBatch], Tensor]
     optimizer: torch.optim.Optimizer
+    learned: dict[str, Tensor] = field(default_factory=dict)
     params: list[Tensor] = field(init=False)
 
     def __post_init__(self) -> None:
-        self.params = list(self.model.parameters())
+        self.params = [*self.model.parameters(), *self.learned.values()]
 
     def step(self, batch: TaskBatch) -> Tensor:
         """One full meta-iteration; returns the (detached) mean query loss."""
@@ -234,28 +267,38 @@ class Runner:
 
 
 def make_ours(
-    workload: Workload, lib: Any, model: nn.Module, tasks_per_pass: int | None = None
+    workload: Workload,
+    lib: Any,
+    model: nn.Module,
+    tasks_per_pass: int | None = None,
+    algorithm: str = "maml",
 ) -> Runner:
-    """maml-run's meta-step: ``meta_backward`` in passes of ``tasks_per_pass`` (None: one)."""
-    maml = workload.maml(model)
+    """maml-run's meta-step: ``meta_backward`` in passes of ``tasks_per_pass`` (None: one),
+    Adam over θ and the learner's own meta-parameters (as ``build.build_optimizer``)."""
+    learner = workload.learner(model, algorithm)
     params = dict(model.named_parameters())
 
     def meta_grad(batch: TaskBatch) -> Tensor:
-        return meta_backward(maml, params, batch, tasks_per_pass)
+        return meta_backward(learner, params, batch, tasks_per_pass)
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=OUTER_LR, fused=True)
-    return Runner("ours", model, meta_grad, optimizer)
+    learned = dict(learner.learned.named_parameters())
+    optimizer = torch.optim.Adam([*model.parameters(), *learned.values()], lr=OUTER_LR, fused=True)
+    return Runner("ours", model, meta_grad, optimizer, learned)
 
 
 def make_general_path(
-    workload: Workload, lib: Any, model: nn.Module, tasks_per_pass: int | None = None
+    workload: Workload,
+    lib: Any,
+    model: nn.Module,
+    tasks_per_pass: int | None = None,
+    algorithm: str = "maml",
 ) -> Runner:
     """maml-run's meta-step with the model forced onto the torch.func path (``FuncEngine``).
 
     For models the batched layers also cover, so the two engines compare on the same weights.
     """
     use_engine(model, FuncEngine(model, "forced by the bench"))
-    runner = make_ours(workload, lib, model, tasks_per_pass)
+    runner = make_ours(workload, lib, model, tasks_per_pass, algorithm)
     runner.name = "general"
     return runner
 
