@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ from maml_runner.maml.engine import engine_for, use_statistics
 from maml_runner.maml.family import MAMLpp
 from maml_runner.models import Conv4, ResNet12
 from maml_runner.tasks.losses import classification_loss
-from tests.helpers import QUICK, make_config, maml_run, read_metrics
+from tests.helpers import QUICK, REPO, make_config, maml_run, read_metrics
 from tests.nets import NormConv
 
 DTYPE = torch.float64
@@ -292,7 +293,8 @@ def test_a_custom_module_without_batch_norm_is_refused_in_one_line(tmp_path: Pat
     proc = maml_run(
         [*QUICK, "model=custom", "model._target_=tests.nets.ResidualMLP",
          "model.batch_norm_stats=per_step", f"hydra.run.dir={tmp_path / 'r'}"],
-        cwd=Path(__file__).resolve().parents[1], check=False,
+        cwd=REPO, check=False,
+        env={"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.getenv("PYTHONPATH")]))},
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert "model.batch_norm_stats=per_step: the model has no batch-norm layer" in proc.stderr
