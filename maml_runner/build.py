@@ -185,9 +185,9 @@ def validate_rl(cfg: DictConfig) -> None:
     )
     if t.env == "nav2d":
         _require(t.goal == "position", "task.goal", t.goal, "nav2d tasks are goal positions")
-    scale = t.eval_later_lr_scale
+    scale = t.eval_later_lr_scale  # a float by the schema
     _require(
-        isinstance(scale, (int, float)) and not isinstance(scale, bool) and scale > 0,
+        scale > 0,
         "task.eval_later_lr_scale",
         scale,
         "give a number > 0 (the meta-test's steps after the first use α times it; 1: all α)",
