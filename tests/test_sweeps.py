@@ -183,3 +183,18 @@ def test_a_table_preset_is_a_sweep_checked_before_its_first_job(tmp_path: Path) 
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "of the sweep's 12 (" in proc.stderr and "none was launched: inner.lr=-1" in proc.stderr
     assert not (tmp_path / "multirun").exists()
+
+
+def test_a_path_override_leaves_the_job_folders_flat(tmp_path: Path) -> None:
+    """A path's '/' would nest a job's folder; path keys stay in .hydra/overrides.yaml only."""
+    sweep, cache = tmp_path / "sweep", tmp_path / "data" / "cache"
+    maml_run(
+        ["-m", "seed=0,1", *SHORT, f"data.cache_dir={cache}", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path,
+    )
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert [p.name.split("_")[0] for p in jobs] == ["0", "1"]
+    for job in jobs:
+        assert (job / "metrics.json").is_file() and "cache_dir" not in job.name
+        overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
+        assert f"data.cache_dir={cache}" in overrides
