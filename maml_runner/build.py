@@ -185,6 +185,26 @@ def validate_rl(cfg: DictConfig) -> None:
     )
     if t.env == "nav2d":
         _require(t.goal == "position", "task.goal", t.goal, "nav2d tasks are goal positions")
+    from maml_runner.rl.envs import REFERENCE_GOALS, TEST_GOALS
+
+    goals = t.test_goals
+    _require(
+        goals in TEST_GOALS, "task.test_goals", goals, f"choose one of {', '.join(TEST_GOALS)}"
+    )
+    if t.test_goals == "reference":
+        _require(
+            t.env == "nav2d",
+            "task.test_goals",
+            t.test_goals,
+            f"the reference goals are nav2d's (task={t.name}); choose sampled",
+        )
+        _require(
+            cfg.eval.num_tasks == REFERENCE_GOALS,
+            "eval.num_tasks",
+            cfg.eval.num_tasks,
+            f"task.test_goals=reference is the reference code's {REFERENCE_GOALS} goals; "
+            f"set eval.num_tasks={REFERENCE_GOALS}",
+        )
     scale = t.eval_later_lr_scale  # a float by the schema
     _require(
         scale > 0,
@@ -726,7 +746,7 @@ def _build_supervised(cfg: DictConfig) -> SupervisedJob:
 def _build_rl(cfg: DictConfig) -> RLJob:
     """An RL run (policy weights from the global RNG); CPU only."""
     from maml_runner.models import GaussianPolicy
-    from maml_runner.rl.envs import Locomotion, Nav2D
+    from maml_runner.rl.envs import Locomotion, Nav2D, reference_goals
     from maml_runner.rl.job import RLJob
     from maml_runner.rl.meta import METRICS, MetaRL, RLTaskStream, trpo_step
     from maml_runner.tasks.base import make_generator
@@ -802,7 +822,10 @@ def _build_rl(cfg: DictConfig) -> RLJob:
         with _keys("trainer"):
             stream = RLTaskStream(env, meta_batch_size=cfg.trainer.meta_batch_size, seed=cfg.seed)
         val = env.sample_tasks(cfg.trainer.val_tasks, make_generator(cfg.trainer.val_seed, device))
-        test = env.sample_tasks(cfg.eval.num_tasks, make_generator(cfg.eval.seed, device))
+        if t.test_goals == "reference":
+            test = reference_goals()
+        else:
+            test = env.sample_tasks(cfg.eval.num_tasks, make_generator(cfg.eval.seed, device))
     except BaseException:
         env.close()
         raise

@@ -189,6 +189,7 @@ class RLTaskConfig:
     env_kwargs: dict[str, Any] = MISSING
     workers: int = MISSING
     eval_later_lr_scale: float = MISSING
+    test_goals: str = MISSING
 
 
 @dataclass

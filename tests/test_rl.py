@@ -377,6 +377,21 @@ TINY_NAV = [
 ]
 
 
+def test_reference_test_goals_are_the_reference_codes_40() -> None:
+    """task.test_goals=reference: test_maml_point.py's goals (numpy seed 1, uniform ±0.5)."""
+    from maml_runner.build import build
+
+    job = build(make_config([*TINY_NAV, "task.test_goals=reference", "eval.num_tasks=40"]))
+    try:
+        goals = job.test_tasks
+        assert goals.shape == (40, 2) and goals.abs().max() <= 0.5
+        # the first two draws of numpy's legacy generator seeded with 1, minus 0.5
+        expected = torch.tensor([[0.417022005, 0.720324493], [0.000114375, 0.302332573]]) - 0.5
+        torch.testing.assert_close(goals[:2], expected)
+    finally:
+        job.close()
+
+
 def test_rl_resume_is_exact_and_evaluate_reads_rl_runs(tmp_path) -> None:
     """4 iterations in one go == 2, then `resume=DIR trainer.steps=4`; `maml-run evaluate`
     re-runs the RL meta-test from the checkpoint and gets the run's own numbers."""
@@ -434,6 +449,15 @@ def test_rl_bad_input_is_one_line(tmp_path) -> None:
         ([*TINY_NAV, "task.goal_shape=star"], "task.goal_shape=star: choose one of"),
         ([*TINY_NAV, "task.sampling=paths"], "task.sampling=paths: choose one of"),
         ([*TINY_NAV, "model.init=glorot"], "model.init=glorot: choose one of"),
+        ([*TINY_NAV, "task.test_goals=mine"], "task.test_goals=mine: choose one of"),
+        (
+            [*TINY_NAV, "task.test_goals=reference"],
+            "eval.num_tasks=4: task.test_goals=reference is the reference code's 40 goals",
+        ),
+        (
+            [*TINY_NAV, "task=cheetah_dir", "task.test_goals=reference", "eval.num_tasks=40"],
+            "task.test_goals=reference: the reference goals are nav2d's",
+        ),
         (
             [*TINY_NAV, "task.eval_later_lr_scale=0"],
             "task.eval_later_lr_scale=0.0: give a number > 0",

@@ -32,6 +32,10 @@ ACTION_MAPS = ("clip", "rescale")
 # disc: ‖x − g‖ < goal_radius; square: |x − g|∞ < goal_radius (the reference code's test)
 GOAL_SHAPES = ("disc", "square")
 GOALS = ("direction", "velocity")
+# sampled: eval.num_tasks test tasks drawn from eval.seed | reference: nav2d's 40 test goals of
+# the reference code (test_maml_point.py), which Table 4 was measured on
+TEST_GOALS = ("sampled", "reference")
+REFERENCE_GOALS = 40
 FORWARD = "reward_forward"  # gymnasium's forward term, which the task reward replaces
 
 
@@ -48,6 +52,16 @@ class VectorEnv(Protocol):
     def step(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor]: ...
 
     def close(self) -> None: ...
+
+
+def reference_goals() -> Tensor:
+    """The 2D navigation test goals of the reference code, ``[40, 2]``.
+
+    cbfinn/maml_rl's ``test_maml_point.py`` seeds numpy with 1 and draws 40 goals uniform in
+    [−0.5, 0.5]²; the same legacy generator (``RandomState(1)``) gives the same goals here.
+    """
+    goals = np.random.RandomState(1).uniform(-0.5, 0.5, size=(REFERENCE_GOALS, 2))
+    return torch.from_numpy(goals).float()
 
 
 def _check_goal_range(goal_low: float, goal_high: float) -> None:
