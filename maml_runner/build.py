@@ -185,18 +185,25 @@ def validate_rl(cfg: DictConfig) -> None:
     )
     if t.env == "nav2d":
         _require(t.goal == "position", "task.goal", t.goal, "nav2d tasks are goal positions")
-    from maml_runner.rl.envs import REFERENCE_GOALS, TEST_GOALS
+    from maml_runner.rl.envs import REFERENCE_GOAL_RANGE, REFERENCE_GOALS, TEST_GOALS
 
     goals = t.test_goals
     _require(
         goals in TEST_GOALS, "task.test_goals", goals, f"choose one of {', '.join(TEST_GOALS)}"
     )
-    if t.test_goals == "reference":
+    if goals == "reference":
         _require(
             t.env == "nav2d",
             "task.test_goals",
-            t.test_goals,
+            goals,
             f"the reference goals are nav2d's (task={t.name}); choose sampled",
+        )
+        _require(
+            (t.goal_low, t.goal_high) == REFERENCE_GOAL_RANGE,
+            "task.test_goals",
+            goals,
+            f"the reference goals lie in [{REFERENCE_GOAL_RANGE[0]}, {REFERENCE_GOAL_RANGE[1]}]², "
+            f"not task.goal_low/goal_high [{t.goal_low}, {t.goal_high}]; choose sampled",
         )
         _require(
             cfg.eval.num_tasks == REFERENCE_GOALS,

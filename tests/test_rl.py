@@ -455,6 +455,10 @@ def test_rl_bad_input_is_one_line(tmp_path) -> None:
             "eval.num_tasks=4: task.test_goals=reference is the reference code's 40 goals",
         ),
         (
+            [*TINY_NAV, "task.test_goals=reference", "eval.num_tasks=40", "task.goal_high=1.0"],
+            "task.test_goals=reference: the reference goals lie in [-0.5, 0.5]², not",
+        ),
+        (
             [*TINY_NAV, "task=cheetah_dir", "task.test_goals=reference", "eval.num_tasks=40"],
             "task.test_goals=reference: the reference goals are nav2d's",
         ),

@@ -36,6 +36,7 @@ GOALS = ("direction", "velocity")
 # the reference code (test_maml_point.py), which Table 4 was measured on
 TEST_GOALS = ("sampled", "reference")
 REFERENCE_GOALS = 40
+REFERENCE_GOAL_RANGE = (-0.5, 0.5)
 FORWARD = "reward_forward"  # gymnasium's forward term, which the task reward replaces
 
 
@@ -60,7 +61,8 @@ def reference_goals() -> Tensor:
     cbfinn/maml_rl's ``test_maml_point.py`` seeds numpy with 1 and draws 40 goals uniform in
     [−0.5, 0.5]²; the same legacy generator (``RandomState(1)``) gives the same goals here.
     """
-    goals = np.random.RandomState(1).uniform(-0.5, 0.5, size=(REFERENCE_GOALS, 2))
+    low, high = REFERENCE_GOAL_RANGE
+    goals = np.random.RandomState(1).uniform(low, high, size=(REFERENCE_GOALS, 2))
     return torch.from_numpy(goals).float()
 
 
