@@ -185,6 +185,7 @@ def validate_rl(cfg: DictConfig) -> None:
     )
     if t.env == "nav2d":
         _require(t.goal == "position", "task.goal", t.goal, "nav2d tasks are goal positions")
+    _validate_robot_keys(t)
     from maml_runner.rl.envs import REFERENCE_GOAL_RANGE, REFERENCE_GOALS, TEST_GOALS
 
     goals = t.test_goals
@@ -219,6 +220,39 @@ def validate_rl(cfg: DictConfig) -> None:
         scale,
         "give a number > 0 (the meta-test's steps after the first use α times it; 1: all α)",
     )
+
+
+# task keys only one kind of robot has (the other's task files leave them out: None)
+NAV2D_ONLY = ("reward", "action_bound", "goal_radius", "action_map", "goal_shape")
+MUJOCO_ONLY = ("env_kwargs", "workers")
+GOAL_RANGE = ("goal_low", "goal_high")  # position and velocity goals; direction goals are ±1
+
+
+def unused_task_keys(t: DictConfig) -> tuple[str, ...]:
+    """The RL task keys this task's robot and goal do not read (they must be None)."""
+    nav2d = t.env == "nav2d"
+    return (MUJOCO_ONLY if nav2d else NAV2D_ONLY) + (() if t.goal != "direction" else GOAL_RANGE)
+
+
+def _validate_robot_keys(t: DictConfig) -> None:
+    """Refuse a key this task's robot would ignore, and ask for one it needs."""
+    nav2d = t.env == "nav2d"
+    ranged = t.goal != "direction"
+    for key in unused_task_keys(t):
+        value = t[key]
+        if key == "env_kwargs" and not value:
+            continue  # {}: nothing passed
+        if key in GOAL_RANGE:
+            why = "direction goals are ±1 (goal_low/goal_high bound velocity and position goals)"
+        elif nav2d:
+            why = "it is for the gymnasium MuJoCo robots; nav2d is a torch point robot"
+        else:
+            why = f"it is for nav2d's point robot; task={t.name} runs {t.env}"
+        shown = OmegaConf.to_container(value) if key == "env_kwargs" else value
+        _require(value is None, f"task.{key}", shown, f"task={t.name} would ignore it: {why}")
+    needed = (NAV2D_ONLY if nav2d else MUJOCO_ONLY) + (GOAL_RANGE if ranged else ())
+    for key in needed:
+        _require(t[key] is not None, f"task.{key}", "null", f"task={t.name} needs a value")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -783,8 +817,7 @@ def _build_rl(cfg: DictConfig) -> RLJob:
                 env = Locomotion(
                     t.env,
                     goal=t.goal,
-                    goal_low=t.goal_low,
-                    goal_high=t.goal_high,
+                    **{k: t[k] for k in GOAL_RANGE if t[k] is not None},
                     env_kwargs=OmegaConf.to_container(t.env_kwargs),
                     workers=t.workers,
                 )

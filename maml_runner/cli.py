@@ -551,6 +551,7 @@ EVALUATE_KEYS = (
     "task.eval_k_shot",
     "task.n_way",
     "task.eval_query_size",
+    "task.test_goals",
     "inner.lr",
     "inner.eval_steps",
     "eval.num_tasks",
@@ -614,6 +615,11 @@ def _evaluation_config(saved, overrides: list[str], options: dict):
     if outer is not None:
         groups.append(f"outer={outer}")
     cfg = OmegaConf.merge(compose(groups), saved)
+    if "env" in cfg.task:  # RL runs saved before a task kept only its robot's keys
+        from maml_runner.build import unused_task_keys
+
+        for key in unused_task_keys(cfg.task):  # the run ignored them: so does its test
+            cfg.task[key] = {} if key == "env_kwargs" else None
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep or key not in EVALUATE_KEYS:

@@ -168,28 +168,35 @@ class MiniImageNetConfig:
 
 @dataclass
 class RLTaskConfig:
-    """RL task families (nav2d and MuJoCo locomotion): the task files with ``base_rl``."""
+    """RL task families (nav2d and MuJoCo locomotion): the task files with ``base_rl``.
+
+    The keys one kind of robot has and the other lacks are null in the other's task files, and
+    ``build.validate_rl`` refuses a value there (``NAV2D_ONLY``, ``MUJOCO_ONLY``, ``GOAL_RANGE``).
+    """
 
     name: str = MISSING
     env: str = MISSING
     goal: str = MISSING
-    goal_low: float = MISSING
-    goal_high: float = MISSING
     k_shot: int = MISSING
     eval_k_shot: int = MISSING
     horizon: int = MISSING
     discount: float = MISSING
     normalize_advantages: bool = MISSING
-    reward: str = MISSING
-    action_bound: float = MISSING
-    goal_radius: float = MISSING
-    action_map: str = MISSING
-    goal_shape: str = MISSING
     sampling: str = MISSING
-    env_kwargs: dict[str, Any] = MISSING
-    workers: int = MISSING
     eval_later_lr_scale: float = MISSING
     test_goals: str = MISSING
+    # position and velocity goals (nav2d, *_vel); null for direction goals (±1)
+    goal_low: float | None = MISSING
+    goal_high: float | None = MISSING
+    # nav2d's point robot only; null for the MuJoCo robots
+    reward: str | None = MISSING
+    action_bound: float | None = MISSING
+    goal_radius: float | None = MISSING
+    action_map: str | None = MISSING
+    goal_shape: str | None = MISSING
+    # gymnasium MuJoCo robots only; {} and null for nav2d
+    env_kwargs: dict[str, Any] = MISSING
+    workers: int | None = MISSING
 
 
 @dataclass

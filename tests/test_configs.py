@@ -48,7 +48,9 @@ def _one_meta_step(cfg) -> None:
     """Build the config's job (tiny RL rollouts) and take one meta-step: finite figures and θ;
     a supervised meta-batch has the configured size and N·K support examples per task."""
     if "horizon" in cfg.task:  # RL: short episodes, few of them, in this process
-        cfg.task.horizon, cfg.task.k_shot, cfg.task.workers = 4, 2, 1
+        cfg.task.horizon, cfg.task.k_shot = 4, 2
+        if cfg.task.workers is not None:  # MuJoCo robots
+            cfg.task.workers = 1
     with build(cfg) as job:
         if "query_size" in cfg.task:
             batch = job.stream.batch(0)

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from torch.distributions import Independent, Normal
 from torch.distributions import kl_divergence as kl
 
@@ -409,6 +410,12 @@ def test_rl_resume_is_exact_and_evaluate_reads_rl_runs(tmp_path) -> None:
     evaluated = json.loads(next((straight / "checkpoints").glob("eval_*.json")).read_text())
     ours = read_metrics(straight)["meta_test"]["return"]["mean"]
     assert evaluated["meta_test"]["return"]["mean"] == pytest.approx(ours, rel=1e-5)
+    # the same θ on the reference code's 40 goals (test_maml_point.py's)
+    maml_run(
+        ["evaluate", str(split), "task.test_goals=reference", "--num-tasks", "40"], cwd=tmp_path
+    )
+    (on_reference,) = (split / "checkpoints").glob("eval_*_n40_*.json")
+    assert json.loads(on_reference.read_text())["overrides"] == ["task.test_goals=reference"]
     table = maml_run(["table", str(straight), str(split)], cwd=tmp_path).stdout
     assert "return @3 (ours)" in table and "-40.41" in table
     assert table.count("nav2d random init") == 1  # same task and seed: one shared init row
@@ -441,6 +448,69 @@ def test_meta_test_later_steps_use_the_scaled_step_size() -> None:
             job.close()
 
 
+RL_PARTS = ["model=gaussian_mlp", "outer=trpo"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (
+            ["task=cheetah_dir", "task.action_map=rescale"],
+            "task.action_map=rescale: task=cheetah_dir",
+        ),
+        (["task=ant_vel", "task.reward=distance"], "task.reward=distance: task=ant_vel would"),
+        (["task=cheetah_vel", "task.goal_radius=0.1"], "task.goal_radius=0.1: task=cheetah_vel"),
+        (["task=ant_dir", "task.goal_shape=square"], "task.goal_shape=square: task=ant_dir"),
+        (["task=cheetah_dir", "task.action_bound=1.0"], "task.action_bound=1.0: task=cheetah"),
+        (["task=cheetah_dir", "task.goal_low=1.0"], "task.goal_low=1.0: task=cheetah_dir would"),
+        (["task=ant_dir", "task.goal_high=2.0"], "direction goals are ±1"),
+        (["task=nav2d", "task.workers=4"], "task.workers=4: task=nav2d would ignore it"),
+        (["task=nav2d", "+task.env_kwargs.frame_skip=1"], "task.env_kwargs={'frame_skip': 1}"),
+        (["task=cheetah_vel", "task.goal_low=null"], "task.goal_low=null: task=cheetah_vel needs"),
+        (["task=nav2d", "task.action_map=null"], "task.action_map=null: task=nav2d needs a"),
+        (["task=cheetah_dir", "task.workers=null"], "task.workers=null: task=cheetah_dir needs"),
+        # a navigation preset's keys on a locomotion task: refused, not dropped
+        (["experiment=finn17_nav2d", "task=ant_dir"], "task.reward=distance: task=ant_dir would"),
+    ],
+)
+def test_a_key_the_robot_would_ignore_is_refused(overrides, expected) -> None:
+    """The task keys of nav2d's point robot, the MuJoCo robots' and the goal range of
+    velocity/position goals are each refused where the task would not read them (they used to
+    sit in every task file, "ignored here"), and required where it would."""
+    from maml_runner.build import validate
+    from maml_runner.errors import UserError
+
+    with pytest.raises(UserError) as err:
+        validate(make_config([*RL_PARTS, *overrides]))
+    assert expected in str(err.value), err.value
+
+
+@pytest.mark.parametrize("task", ["nav2d", "cheetah_dir", "cheetah_vel", "ant_dir", "ant_vel"])
+def test_every_rl_task_file_passes_its_own_key_check(task) -> None:
+    from maml_runner.build import validate
+
+    validate(make_config([*RL_PARTS, f"task={task}"]))
+    validate(make_config([f"experiment=finn17_{task}"]))
+
+
+def test_evaluate_reads_a_run_saved_with_the_keys_its_robot_ignored() -> None:
+    """Runs saved before the task files kept only their robot's keys carry nav2d's on a
+    cheetah and the MuJoCo ones on nav2d; the run ignored them, so evaluate drops them."""
+    from maml_runner.build import validate
+    from maml_runner.cli import _evaluation_config
+
+    old = {
+        "cheetah_dir": {"reward": "distance", "action_map": "clip", "goal_low": 0.0},
+        "nav2d": {"workers": 2, "env_kwargs": {}},
+    }
+    for task, keys in old.items():
+        saved = OmegaConf.to_container(make_config([*RL_PARTS, f"task={task}"]))
+        saved["task"].update(keys)
+        cfg = _evaluation_config(OmegaConf.create(saved), ["task.test_goals=sampled"], {})
+        validate(cfg)
+        assert all(not cfg.task[key] for key in keys), cfg.task
+
+
 def test_rl_bad_input_is_one_line(tmp_path) -> None:
     for args, expected in (
         (["task=nav2d"], "model=mlp: task=nav2d needs model=gaussian_mlp outer=trpo"),
@@ -459,14 +529,15 @@ def test_rl_bad_input_is_one_line(tmp_path) -> None:
             "task.test_goals=reference: the reference goals lie in [-0.5, 0.5]², not",
         ),
         (
-            [*TINY_NAV, "task=cheetah_dir", "task.test_goals=reference", "eval.num_tasks=40"],
+            [*RL_PARTS, "task=cheetah_dir", "task.test_goals=reference", "eval.num_tasks=40"],
             "task.test_goals=reference: the reference goals are nav2d's",
         ),
         (
             [*TINY_NAV, "task.eval_later_lr_scale=0"],
             "task.eval_later_lr_scale=0.0: give a number > 0",
         ),
-        ([*TINY_NAV, "task=cheetah_dir", "task.env=Nope-v0"], "task.env=Nope-v0"),
+        ([*RL_PARTS, "task=cheetah_dir", "task.env=Nope-v0"], "task.env=Nope-v0"),
+        ([*TINY_NAV, "task=cheetah_dir"], "task.reward=distance: task=cheetah_dir would ignore"),
         (["task=sinusoid", "outer=trpo"], "the Gaussian policy and TRPO are for RL tasks"),
     ):
         proc = maml_run(args, cwd=tmp_path, check=False)
