@@ -211,7 +211,7 @@ def validate_rl(cfg: DictConfig) -> None:
             "eval.num_tasks",
             cfg.eval.num_tasks,
             f"task.test_goals=reference is the reference code's {REFERENCE_GOALS} goals; "
-            f"set eval.num_tasks={REFERENCE_GOALS}",
+            f"set eval.num_tasks={REFERENCE_GOALS}, or task.test_goals=sampled",
         )
     scale = t.eval_later_lr_scale  # a float by the schema
     _require(
