@@ -222,7 +222,7 @@ def validate_rl(cfg: DictConfig) -> None:
     )
 
 
-# task keys only one kind of robot has (the other's task files leave them out: None)
+# task keys only one kind of robot has (null in the other's task files)
 NAV2D_ONLY = ("reward", "action_bound", "goal_radius", "action_map", "goal_shape")
 MUJOCO_ONLY = ("env_kwargs", "workers")
 GOAL_RANGE = ("goal_low", "goal_high")  # position and velocity goals; direction goals are ±1
@@ -236,23 +236,22 @@ def unused_task_keys(t: DictConfig) -> tuple[str, ...]:
 
 def _validate_robot_keys(t: DictConfig) -> None:
     """Refuse a key this task's robot would ignore, and ask for one it needs."""
-    nav2d = t.env == "nav2d"
-    ranged = t.goal != "direction"
-    for key in unused_task_keys(t):
+    unused = unused_task_keys(t)
+    for key in unused:
         value = t[key]
         if key == "env_kwargs" and not value:
             continue  # {}: nothing passed
         if key in GOAL_RANGE:
             why = "direction goals are ±1 (goal_low/goal_high bound velocity and position goals)"
-        elif nav2d:
+        elif t.env == "nav2d":
             why = "it is for the gymnasium MuJoCo robots; nav2d is a torch point robot"
         else:
             why = f"it is for nav2d's point robot; task={t.name} runs {t.env}"
         shown = OmegaConf.to_container(value) if key == "env_kwargs" else value
         _require(value is None, f"task.{key}", shown, f"task={t.name} would ignore it: {why}")
-    needed = (NAV2D_ONLY if nav2d else MUJOCO_ONLY) + (GOAL_RANGE if ranged else ())
-    for key in needed:
-        _require(t[key] is not None, f"task.{key}", "null", f"task={t.name} needs a value")
+    for key in NAV2D_ONLY + MUJOCO_ONLY + GOAL_RANGE:
+        if key not in unused:
+            _require(t[key] is not None, f"task.{key}", "null", f"task={t.name} needs a value")
 
 
 def validate(cfg: DictConfig) -> None:
