@@ -154,11 +154,12 @@ def contents(folder: Path) -> str:
 
 
 def run_metric(run: Run) -> str:
-    """The metric a table shows for ``run``: its paper's, else its first (query_loss, return)."""
+    """The metric a table shows for ``run``: its paper's, else its accuracy (a classification
+    run without a paper block sits beside those with one), else its first (query_loss, return)."""
     paper = run.metrics.get("paper")
     if paper and paper.get("metric") in run.result.mean:
         return paper["metric"]
-    return next(iter(run.result.mean))
+    return next((m for m in run.result.mean if is_percent(m)), next(iter(run.result.mean)))
 
 
 def _paper(run: Run, metric: str) -> dict:

@@ -145,6 +145,20 @@ def test_accuracy_and_return_never_share_a_column(tmp_path: Path) -> None:
     assert "nav2d random init" in ret and "Accuracies in %." in out
 
 
+def test_a_classification_run_without_a_paper_block_shows_its_accuracy(tmp_path: Path) -> None:
+    # the family table: MAML has a paper block, first-order MAML's short preset none
+    write_run(tmp_path / "maml", paper=paper_block("finn17_omniglot_5w1s"))
+    write_run(tmp_path / "fo", seed=1)
+    code, out, err = table("table", tmp_path)
+    assert code == 0, err
+    tables = [t for t in out.split("\n\n") if t.startswith("|")]
+    assert len(tables) == 1 and "query_loss" not in out, out
+    rows = tables[0].splitlines()[2:]
+    assert [r.split(" | ")[-2] for r in rows] == ["97.00 ± 1.00"] * 2, out
+    fo, maml = rows  # sorted by folder
+    assert maml.endswith("| 98.7 ± 0.4 |") and fo.endswith("|  |"), out
+
+
 def bad_sweep(root: Path) -> Path:
     """A multirun: jobs 0 and 5 finished; 1 empty, 2 cut off, 3 `{}`; 4 diverged (no metrics)."""
     sweep = root / "multirun" / "2025-01-01" / "00-00-00"
