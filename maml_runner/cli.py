@@ -786,6 +786,14 @@ def sweep_results(
     csv: Annotated[Path | None, typer.Option(help="also write the rows to this CSV file")] = None,
     out: Annotated[Path | None, typer.Option(help="also write the table to this file")] = None,
     metric: Annotated[str, typer.Option(help="query_loss | query_acc")] = "query_loss",
+    wall_clock: Annotated[
+        Path | None,
+        typer.Option(
+            help="also compare the settings at equal training time: draw each one's validation "
+            "curve against training time to this PNG and print its value within the shortest "
+            "setting's time"
+        ),
+    ] = None,
 ) -> None:
     from maml_runner.results import by_setting, setting_rows, settings_markdown, write_csv
 
@@ -797,11 +805,31 @@ def sweep_results(
             f"--metric {metric}: {missing[0]} has none; choose one of "
             f"{', '.join(runs[0].result.mean)}"
         )
-    rows = setting_rows(by_setting(runs), metric)
-    echo_table(settings_markdown(rows, metric), out, found)
+    settings = by_setting(runs)
+    rows = setting_rows(settings, metric)
+    text = settings_markdown(rows, metric)
+    if wall_clock is not None:
+        text += "\n\n" + _wall_clock(settings, wall_clock)
+    echo_table(text, out, found)
     if csv is not None:
         write_csv(rows, csv)
         typer.echo(f"wrote {csv}")
+    if wall_clock is not None:
+        typer.echo(f"wrote {wall_clock}")
+
+
+def _wall_clock(settings, path: Path) -> str:
+    """``sweep-results --wall-clock``: the equal-time table (its text) and plot; the runs without
+    a validation curve named on stderr, or exit 2 if none has one."""
+    from maml_runner.results import plot_wall_clock, timed_settings, wall_clock_markdown
+
+    timed, left = timed_settings(settings)
+    for folder, why in left:
+        typer.echo(f"--wall-clock leaves out {folder}: {why}", err=True)
+    if not timed:
+        fail(f"--wall-clock {path}: no run has a validation curve (see the lines above)")
+    plot_wall_clock(timed, path)
+    return wall_clock_markdown(timed)
 
 
 def main() -> None:

@@ -51,6 +51,29 @@ def adaptation_curves(
     return path
 
 
+def wall_clock_curves(
+    timed: Sequence, path: Path, *, budget: float, ylabel: str, scale: float = 1.0
+) -> Path:
+    """Validation metric (× ``scale``) vs. training time, one line per setting (``results.Timed``:
+    mean over seeds, 95% CI band); a dotted line at ``budget``, the time every setting reached."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for t in timed:
+        mean = torch.tensor(t.means) * scale
+        ci = torch.nan_to_num(torch.tensor(t.cis) * scale)
+        (line,) = ax.plot(t.times, mean, marker="o", ms=3, label=f"{t.label} (seeds {t.seeds})")
+        ax.fill_between(t.times, mean - ci, mean + ci, alpha=0.2, color=line.get_color())
+    ax.axvline(budget, ls=":", color="gray", label=f"equal time: {budget:.0f} s")
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel(ylabel)
+    ax.set_title("validation during meta-training (mean over seeds ± 95% CI)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def regression_tasks(
     batch: TaskBatch,
     grid: torch.Tensor,

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 from maml_runner.evaluation import EvalResult, mean_ci95
+from maml_runner.tracking import HISTORY
 
 METRICS = "metrics.json"
 
@@ -383,13 +384,15 @@ def settings_markdown(rows: list[dict], metric: str = "query_loss") -> str:
     """The rows of ``setting_rows`` as markdown, one line per setting."""
     steps = [k.removeprefix(f"{metric}_step").removesuffix("_mean") for k in rows[0]]
     steps = [s for s in steps if s.isdigit()]
-    head = ["setting", "seeds", "objective"] + [f"{metric} @{s}" for s in steps]
+    scale, name = (100, f"{metric} (%)") if is_percent(metric) else (1, metric)
+    head = ["setting", "seeds", "objective"] + [f"{name} @{s}" for s in steps]
     head += ["train time", "it/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         cells = [row["setting"], row["seeds"], _cell(row["objective_mean"], row["objective_ci95"])]
         cells += [
-            _cell(row[f"{metric}_step{s}_mean"], row[f"{metric}_step{s}_ci95"]) for s in steps
+            _cell(scale * row[f"{metric}_step{s}_mean"], scale * row[f"{metric}_step{s}_ci95"])
+            for s in steps
         ]
         cells += [f"{row['train_time_s_mean']:.3g} s", f"{row['it_per_s_mean']:.3g}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -407,3 +410,170 @@ def write_csv(rows: list[dict], path: Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+# --- equal wall clock: each setting's validation metric against its training time -------------
+
+
+@dataclass
+class Curve:
+    """One run's validation ``key`` (its metrics.json ``meta_val.best.key``) by step."""
+
+    key: str
+    steps: list[int]
+    times: list[float]  # seconds of training before each validation
+    values: list[float]
+
+
+def _rows(path: Path) -> list[dict] | str:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"unreadable {path.name} ({type(err).__name__})"
+
+
+def validation_curve(run: Run) -> Curve | str:
+    """The run's validations against training time (its history's ``train_time_s``), or why not.
+
+    A history written before ``train_time_s`` was logged gets its times from the wall clock of
+    its rows, from the first logged speed on; if that disagrees with metrics.json's training
+    time (the run was resumed, so the clock has a gap) the run has no curve.
+    """
+    best = (run.metrics.get("meta_val") or {}).get("best")
+    if not best:
+        return "no validation (trainer.val_every=0, or none finite)"
+    key = best["key"]
+    path = run.folder / HISTORY
+    if not path.is_file():
+        return f"no {HISTORY}"
+    rows = _rows(path)
+    if isinstance(rows, str):
+        return rows
+    validations = [r for r in rows if isinstance(r.get(key), float | int)]
+    if not validations:
+        return f"no {key} in its {HISTORY}"
+    steps = [int(r["step"]) for r in validations]
+    values = [float(r[key]) for r in validations]
+    if all("train_time_s" in r for r in validations):
+        times = [float(r["train_time_s"]) for r in validations]
+    else:
+        times = _times_from_clock(rows, steps)
+        total = run.metrics["train"]["train_time_s"]
+        if times is None or times[-1] > total * 1.02 + 30:
+            return (
+                f"its {HISTORY} predates train_time_s and its clock disagrees with its "
+                f"training time ({total:.0f} s): resumed?"
+            )
+    return Curve(key, steps, times, values)
+
+
+def _times_from_clock(rows: list[dict], steps: list[int]) -> list[float] | None:
+    """Training seconds at each of ``steps`` from the rows' wall clock (``time``): the first
+    training row's speed gives the start; each step is timed by the last training row at or
+    before it (the row logged just before its validation when log_every divides val_every)."""
+    speed = "meta_train/it_per_s"
+    train = [r for r in rows if r.get(speed) and "time" in r]
+    if not train:
+        return None
+    start = train[0]["time"] - train[0]["step"] / train[0][speed]
+    times = []
+    for step in steps:
+        before = [r for r in train if r["step"] <= step]
+        if not before:
+            return None
+        last = before[-1]
+        times.append(last["time"] - start + (step - last["step"]) / last[speed])
+    return times
+
+
+@dataclass
+class Timed:
+    """One setting's validation curve, mean (and 95% CI) over its seeds at their common steps."""
+
+    label: str
+    seeds: str
+    key: str
+    steps: list[int]
+    times: list[float]
+    means: list[float]
+    cis: list[float]
+
+
+def timed_settings(settings: list[Setting]) -> tuple[list[Timed], list[tuple[Path, str]]]:
+    """Each setting's mean validation curve over seeds; the runs left out, with why."""
+    timed, left = [], []
+    for setting in settings:
+        curves = []
+        for run in setting.runs:
+            curve = validation_curve(run)
+            if isinstance(curve, str):
+                left.append((run.folder, curve))
+            else:
+                curves.append((run, curve))
+        keys = {c.key for _, c in curves}
+        if len(keys) > 1:
+            left += [(r.folder, f"validated on {c.key}, its seeds on others") for r, c in curves]
+            continue
+        if not curves:
+            continue
+        common = sorted(set.intersection(*(set(c.steps) for _, c in curves)))
+        if not common:
+            left += [(r.folder, "its seeds share no validation step") for r, _ in curves]
+            continue
+        times, means, cis = [], [], []
+        for step in common:
+            at = [c.steps.index(step) for _, c in curves]
+            times.append(sum(c.times[i] for (_, c), i in zip(curves, at)) / len(curves))
+            mean, ci = _over_seeds([c.values[i] for (_, c), i in zip(curves, at)])
+            means.append(mean)
+            cis.append(ci)
+        seeds = " ".join(str(r.metrics["seed"]) for r, _ in curves)
+        timed.append(Timed(setting.label, seeds, curves[0][1].key, common, times, means, cis))
+    return timed, left
+
+
+def equal_time_budget(timed: list[Timed]) -> float:
+    """The longest training time every setting reached: the shortest one's."""
+    return min(t.times[-1] for t in timed)
+
+
+def wall_clock_markdown(timed: list[Timed]) -> str:
+    """Per setting: its validation metric at the last step within the common time budget, and
+    at its end; the budget is the shortest setting's training time."""
+    budget = equal_time_budget(timed)
+    name = _timed_name(timed)
+    head = ["setting", "seeds", f"{name} within {budget:.0f} s (step, time)", "at the end"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for t in timed:
+        i = max(j for j, time in enumerate(t.times) if time <= budget + 1e-6)
+        cells = [t.label, t.seeds]
+        scale = _scale(timed)
+        for j in (i, len(t.steps) - 1):
+            cell = _cell(scale * t.means[j], scale * t.cis[j])
+            cells.append(f"{cell} (step {t.steps[j]}, {t.times[j]:.0f} s)")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "Validation tasks, mean ± 95% CI over seeds (Student's t; none for one seed); time: "
+        "seconds of training (validation included) before that validation, mean over seeds."
+    )
+    return "\n".join(lines)
+
+
+def plot_wall_clock(timed: list[Timed], path: Path) -> Path:
+    from maml_runner.plots import wall_clock_curves
+
+    budget = equal_time_budget(timed)
+    return wall_clock_curves(
+        timed, path, budget=budget, ylabel=_timed_name(timed), scale=_scale(timed)
+    )
+
+
+def _scale(timed: list[Timed]) -> float:
+    """Accuracies in % (``is_percent``) when every setting validates on one."""
+    return 100.0 if all(is_percent(t.key) for t in timed) else 1.0
+
+
+def _timed_name(timed: list[Timed]) -> str:
+    keys = " / ".join(sorted({t.key for t in timed}))
+    return f"{keys} (%)" if _scale(timed) == 100.0 else keys

@@ -83,9 +83,13 @@ class Tracker:
     def wandb_dir(self) -> str | None:
         return None if self._run is None else str(Path(self._run.dir).parent)
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        """Record scalars at ``step`` (keys ``split/quantity``)."""
+    def log(self, metrics: dict[str, float], step: int, train_time: float | None = None) -> None:
+        """Record scalars at ``step`` (keys ``split/quantity``); ``train_time``: the seconds the
+        run has trained so far, across resumes (the history's ``train_time_s``, not sent to W&B,
+        which keeps its own clock)."""
         row = {"step": step, "time": round(time.time(), 3)}
+        if train_time is not None:
+            row["train_time_s"] = round(train_time, 3)
         row.update({k: _json_number(v) for k, v in metrics.items()})
         self._history.write(json.dumps(row) + "\n")
         if self._run is not None:
@@ -119,7 +123,7 @@ class NullTracker:
     run_id = None
     wandb_dir = None
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def log(self, metrics: dict[str, float], step: int, train_time: float | None = None) -> None:
         pass
 
     def log_images(self, images: dict[str, Path], step: int) -> None:

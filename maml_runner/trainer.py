@@ -159,7 +159,9 @@ def scheduled(update: Update, scheduler: torch.optim.lr_scheduler.LRScheduler) -
 
 
 class Logger(Protocol):
-    def log(self, metrics: dict[str, float], step: int) -> None: ...
+    def log(
+        self, metrics: dict[str, float], step: int, train_time: float | None = None
+    ) -> None: ...
 
 
 class Saver(Protocol):
@@ -249,12 +251,17 @@ def _finite(params: Params) -> bool:
 
 
 def _validate(
-    validation: Validation, step: int, best: dict | None, tracker: Logger, console: Console
+    validation: Validation,
+    step: int,
+    best: dict | None,
+    tracker: Logger,
+    console: Console,
+    train_time: float,
 ) -> tuple[dict | None, dict]:
-    """Validate at ``step``; return the new best (a NaN/inf value is never the best) and this
-    validation's ``{key, value, step}``."""
+    """Validate at ``step`` (after ``train_time`` seconds of training); return the new best (a
+    NaN/inf value is never the best) and this validation's ``{key, value, step}``."""
     metrics = validation.run()
-    tracker.log(metrics, step)
+    tracker.log(metrics, step, train_time)
     key, value = validation.key, metrics[validation.key]
     this = {"key": key, "value": value, "step": step}
     improved = math.isfinite(value) and (
@@ -332,13 +339,16 @@ def fit(
                 now = time.perf_counter()
                 speed = (step - clock_step) / max(now - clock, 1e-9)
                 clock, clock_step = now, step
-                tracker.log({**dict(zip(metrics, means)), "meta_train/it_per_s": speed}, step)
+                row = {**dict(zip(metrics, means)), "meta_train/it_per_s": speed}
+                tracker.log(row, step, elapsed())
                 loss_sum.zero_()
                 count = 0
                 if bar is not None:
                     bar.update(task, completed=step, speed=f"{speed:.3g}", loss=f"{mean:.4g}")
             if validation is not None and val_every and (step % val_every == 0 or step == steps):
-                best, last_validation = _validate(validation, step, best, tracker, console)
+                best, last_validation = _validate(
+                    validation, step, best, tracker, console, elapsed()
+                )
                 if best is not None and best["step"] == step:  # θ now is the best so far
                     checkpointer.save_best(step, best, elapsed())
                 checkpointer.validated(step, last_validation, validation.maximize, elapsed())

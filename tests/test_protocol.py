@@ -36,7 +36,7 @@ class History:
     def __init__(self) -> None:
         self.rows: list[dict] = []
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
+    def log(self, metrics: dict[str, float], step: int, train_time: float | None = None) -> None:
         self.rows.append({"step": step, **metrics})
 
 

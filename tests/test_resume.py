@@ -41,6 +41,10 @@ def test_resume_equals_an_uninterrupted_run(tmp_path: Path) -> None:
         return {r["step"]: r["meta_train/query_loss"] for r in rows if "meta_train/query_loss" in r}
 
     assert train_losses(whole) == train_losses(half)
+    # ... and its training time goes on from the checkpoint's, not from 0
+    rows = [json.loads(x) for x in (half / "metrics.jsonl").read_text().splitlines()]
+    times = [r["train_time_s"] for r in rows if "meta_train/query_loss" in r]
+    assert len(times) == len(train_losses(half)) and times == sorted(times)
 
 
 COSINE = "outer.scheduler={_target_:torch.optim.lr_scheduler.CosineAnnealingLR,T_max:60}"

@@ -198,3 +198,123 @@ def test_a_path_override_leaves_the_job_folders_flat(tmp_path: Path) -> None:
         assert (job / "metrics.json").is_file() and "cache_dir" not in job.name
         overrides = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text())
         assert f"data.cache_dir={cache}" in overrides
+
+
+KEY = "meta_val/query_acc"
+
+
+def _timed_run(
+    folder: Path, seed: int, setting: str, vals: list[tuple[int, float, float]], **train: float
+) -> None:
+    """A finished classification run validated at (step, training seconds, accuracy) ``vals``."""
+    (folder / ".hydra").mkdir(parents=True)
+    (folder / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump([setting, f"seed={seed}"]))
+    steps = vals[-1][0]
+    metrics = {
+        "experiment": None,
+        "task": "omniglot",
+        "algorithm": "maml",
+        "seed": seed,
+        "objective": 0.9,
+        "meta_test": {
+            "inner_steps": [0, 1],
+            "num_tasks": 600,
+            "query_acc": {"mean": [0.2, 0.9], "ci95": [0.01, 0.01]},
+        },
+        "meta_val": {"best": {"key": KEY, "value": max(v for *_, v in vals), "step": steps}},
+        "train": {"steps": steps, "train_time_s": vals[-1][1], "it_per_s": 1.0, **train},
+    }
+    (folder / "metrics.json").write_text(json.dumps(metrics))
+    rows = []
+    for step, time, value in vals:
+        rows.append({"step": step, "time": 5e8 + time, "train_time_s": time, "meta_train/x": 1})
+        rows.append({"step": step, "time": 5e8 + time + 3, "train_time_s": time, KEY: value})
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_wall_clock_compares_settings_within_the_shortest_ones_training_time(
+    tmp_path: Path,
+) -> None:
+    sweep = tmp_path / "sweep"
+    slow = [(10, 10.0, 0.5), (20, 20.0, 0.6), (30, 30.0, 0.7)]
+    fast = [(10, 5.0, 0.4), (20, 12.0, 0.8)]
+    for seed in (0, 1):
+        bump = 0.02 * seed
+        _timed_run(
+            sweep / f"a{seed}", seed, "algorithm=slow", [(s, t, v + bump) for s, t, v in slow]
+        )
+        _timed_run(
+            sweep / f"b{seed}", seed, "algorithm=fast", [(s, t + seed, v) for s, t, v in fast]
+        )
+    png = tmp_path / "clock.png"
+    result = CliRunner().invoke(
+        cli.app, ["sweep-results", str(sweep), "--metric", "query_acc", "--wall-clock", str(png)]
+    )
+    assert result.exit_code == 0, result.output
+    # the fast setting trained 12 and 13 s (mean 12.5): the budget; the slow one's last
+    # validation within it is step 10 (10 s), the fast one's its end
+    assert "| setting | seeds | meta_val/query_acc (%) within 12 s (step, time) | at the end |" in (
+        result.stdout
+    )
+    assert (
+        "| algorithm=slow | 0 1 | 51.000 ± 12.706 (step 10, 10 s) | "
+        "71.000 ± 12.706 (step 30, 30 s) |" in result.stdout
+    )
+    assert (
+        "| algorithm=fast | 0 1 | 80.000 ± 0.000 (step 20, 12 s) | 80.000 ± 0.000 (step 20, 12 s) |"
+        in result.stdout
+    )
+    # the seeds' table prints accuracies in % too (the CSV keeps metrics.json's fractions)
+    assert "| algorithm=slow | 0 1 | 0.900 ± 0.000 | 20.000 ± 0.000 | 90.000 ± 0.000 | 30 s |" in (
+        result.stdout
+    )
+    assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_wall_clock_reads_a_history_from_before_train_time_s_by_its_clock(tmp_path: Path) -> None:
+    """Older histories have only the wall clock: the first logged speed dates the start; a
+    resumed one (a gap in the clock) is left out, named, and with no run left: one line, exit 2."""
+    fresh, resumed = tmp_path / "fresh", tmp_path / "resumed"
+    for folder, gap in ((fresh, 0.0), (resumed, 3600.0)):
+        _timed_run(folder, 0, f"gap={gap}", [(10, 20.0, 0.5), (20, 40.0, 0.6)])
+        rows = [  # 2 it/s logged every 10 steps from t=100; validations take 3 s; then the gap
+            {"step": 10, "time": 105.0, "meta_train/it_per_s": 2.0},
+            {"step": 10, "time": 108.0, KEY: 0.5},
+            {"step": 20, "time": 113.0 + gap, "meta_train/it_per_s": 2.0},
+            {"step": 20, "time": 114.0 + gap, KEY: 0.6},
+        ]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from maml_runner.results import Run, read_run, validation_curve
+
+    run = read_run(fresh / "metrics.json")
+    assert isinstance(run, Run)
+    curve = validation_curve(run)
+    assert not isinstance(curve, str) and curve.times == [5.0, 13.0] and curve.values == [0.5, 0.6]
+    png = tmp_path / "clock.png"
+    result = CliRunner().invoke(
+        cli.app, ["sweep-results", str(resumed), "--metric", "query_acc", "--wall-clock", str(png)]
+    )
+    assert result.exit_code == 2 and not png.exists()
+    assert f"--wall-clock leaves out {resumed}: its metrics.jsonl predates train_time_s" in (
+        result.stderr
+    )
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --wall-clock {png}: no run has a validation curve (see the lines above)"
+    )
+
+
+def test_a_run_logs_its_training_time_with_every_row(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    maml_run(
+        [*SHORT, "trainer.val_every=10", "trainer.log_every=5", f"hydra.run.dir={run}"],
+        cwd=tmp_path,
+    )
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    timed = [r for r in rows if not any(k.startswith("meta_test/") for k in r)]
+    assert [r["step"] for r in timed] == [5, 10, 10, 15, 20, 20]
+    times = [r["train_time_s"] for r in timed]
+    assert times == sorted(times) and 0 < times[0]
+    assert times[-1] <= read_metrics(run)["train"]["train_time_s"]
+    assert (
+        "meta_val/query_loss" in timed[2] and timed[1]["train_time_s"] <= timed[2]["train_time_s"]
+    )
