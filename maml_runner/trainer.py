@@ -180,7 +180,7 @@ class Cadence:
     val_every: int
     checkpoint_every: int
     log_every: int  # training figures are averaged over this many steps
-    progress: bool  # a live progress display
+    progress: bool  # a live display on a terminal, a line a minute in a log file
 
 
 @dataclass(frozen=True)
@@ -244,6 +244,40 @@ def _progress(console: Console, label: str) -> Progress:
         console=console,
         refresh_per_second=4,
     )
+
+
+# seconds between two progress lines where no live display can be drawn (stderr not a terminal)
+PROGRESS_LINE_S = 60.0
+
+
+class _Lines:
+    """The progress display of a run whose stderr is a file (nohup, a cluster log): at a logged
+    step, one line if ``PROGRESS_LINE_S`` have passed since the last, and at the last step."""
+
+    def __init__(self, console: Console, label: str, total: int) -> None:
+        self.console, self.label, self.total = console, label, total
+        self.last = time.perf_counter()
+
+    def update(self, step: int, speed: float, loss: float, train_time: float) -> None:
+        now = time.perf_counter()
+        if now - self.last < PROGRESS_LINE_S and step < self.total:
+            return
+        self.last = now
+        eta = (self.total - step) / speed if speed > 0 else math.inf
+        self.console.print(  # one line however long: a log file has no width to wrap at
+            f"[{time.strftime('%H:%M:%S')}] meta-train {step}/{self.total}: {speed:.3g} it/s, "
+            f"{self.label} {loss:.4g}, {_clock(train_time)} trained, ETA {_clock(eta)}",
+            soft_wrap=True,
+            markup=False,
+            highlight=False,
+        )
+
+
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "-"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{secs:02d}"
 
 
 def _finite(params: Params) -> bool:
@@ -323,7 +357,10 @@ def fit(
         return train_time + time.perf_counter() - started
 
     started = time.perf_counter()
-    bar = _progress(console, metrics[0].split("/")[-1]) if cadence.progress else None
+    label = metrics[0].split("/")[-1]
+    live = cadence.progress and console.is_terminal  # a log file gets lines, not a live bar
+    bar = _progress(console, label) if live else None
+    lines = _Lines(console, label, steps) if cadence.progress and not live else None
     with _catch_signals() as received, bar if bar is not None else nullcontext():
         task = bar.add_task("train", total=steps, completed=step, speed="-", loss="-") if bar else 0
         while step < steps:
@@ -345,6 +382,8 @@ def fit(
                 count = 0
                 if bar is not None:
                     bar.update(task, completed=step, speed=f"{speed:.3g}", loss=f"{mean:.4g}")
+                if lines is not None:
+                    lines.update(step, speed, mean, elapsed())
             if validation is not None and val_every and (step % val_every == 0 or step == steps):
                 best, last_validation = _validate(
                     validation, step, best, tracker, console, elapsed()

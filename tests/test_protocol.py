@@ -40,7 +40,13 @@ class History:
         self.rows.append({"step": step, **metrics})
 
 
-def _fit(values: dict[int, float], steps: int, val_every: int, maximize: bool = False):
+def _fit(
+    values: dict[int, float],
+    steps: int,
+    val_every: int,
+    maximize: bool = False,
+    progress: bool = False,
+):
     """fit() on a one-parameter problem, with validation figures ``values[step]``."""
     theta = {"w": torch.zeros(1, requires_grad=True)}
     clock = {"step": 0}
@@ -56,13 +62,30 @@ def _fit(values: dict[int, float], steps: int, val_every: int, maximize: bool = 
     fitted = fit(
         update,
         theta,
-        Cadence(steps=steps, val_every=val_every, checkpoint_every=10, log_every=5, progress=False),
+        Cadence(steps, val_every, checkpoint_every=10, log_every=5, progress=progress),
         tracker=History(),
         checkpointer=saver,
         validation=Validation(validate, "meta_val/x", maximize),
         metrics=("meta_train/x",),
     )
     return fitted, saver
+
+
+def test_progress_goes_to_a_log_file_as_lines(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """stderr not a terminal (nohup, a cluster log): no live bar, which would show only at the
+    end; a line at a logged step once PROGRESS_LINE_S have passed, and one at the last step."""
+    from maml_runner import trainer
+
+    _fit({15: 3.0, 20: 2.0}, steps=20, val_every=15, progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "meta-train" in line]
+    assert len(lines) == 1 and "meta-train 20/20: " in lines[0] and "x 0.5" in lines[0]
+    assert lines[0].rstrip().endswith("trained, ETA 0:00:00") and "━" not in lines[0]
+    monkeypatch.setattr(trainer, "PROGRESS_LINE_S", 0.0)
+    _fit({15: 3.0, 20: 2.0}, steps=20, val_every=15, progress=True)
+    err = capsys.readouterr().err
+    assert [f"meta-train {s}/20: " in err for s in (5, 10, 15, 20)] == [True] * 4
 
 
 def test_best_is_saved_at_the_best_validation_step_not_at_a_checkpoint_step() -> None:
