@@ -377,6 +377,10 @@ def setting_rows(settings: list[Setting], metric: str = "query_loss") -> list[di
 
 
 def _cell(mean: float, ci: float) -> str:
+    """Mean ± CI; the mean alone without a CI (one seed); blank without a mean (a setting that
+    does not report that step)."""
+    if math.isnan(mean):
+        return ""
     return _number(mean) if math.isnan(ci) else f"{_number(mean)} ± {_number(ci)}"
 
 
@@ -394,7 +398,7 @@ def settings_markdown(rows: list[dict], metric: str = "query_loss") -> str:
             _cell(scale * row[f"{metric}_step{s}_mean"], scale * row[f"{metric}_step{s}_ci95"])
             for s in steps
         ]
-        cells += [f"{row['train_time_s_mean']:.3g} s", f"{row['it_per_s_mean']:.3g}"]
+        cells += [f"{row['train_time_s_mean']:,.0f} s", f"{row['it_per_s_mean']:.3g}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(

@@ -204,7 +204,11 @@ KEY = "meta_val/query_acc"
 
 
 def _timed_run(
-    folder: Path, seed: int, setting: str, vals: list[tuple[int, float, float]], **train: float
+    folder: Path,
+    seed: int,
+    setting: str,
+    vals: list[tuple[int, float, float]],
+    test: tuple[float, ...] = (0.2, 0.9),
 ) -> None:
     """A finished classification run validated at (step, training seconds, accuracy) ``vals``."""
     (folder / ".hydra").mkdir(parents=True)
@@ -217,12 +221,12 @@ def _timed_run(
         "seed": seed,
         "objective": 0.9,
         "meta_test": {
-            "inner_steps": [0, 1],
+            "inner_steps": list(range(len(test))),
             "num_tasks": 600,
-            "query_acc": {"mean": [0.2, 0.9], "ci95": [0.01, 0.01]},
+            "query_acc": {"mean": list(test), "ci95": [0.01] * len(test)},
         },
         "meta_val": {"best": {"key": KEY, "value": max(v for *_, v in vals), "step": steps}},
-        "train": {"steps": steps, "train_time_s": vals[-1][1], "it_per_s": 1.0, **train},
+        "train": {"steps": steps, "train_time_s": vals[-1][1], "it_per_s": 1.0},
     }
     (folder / "metrics.json").write_text(json.dumps(metrics))
     rows = []
@@ -240,8 +244,12 @@ def test_wall_clock_compares_settings_within_the_shortest_ones_training_time(
     fast = [(10, 5.0, 0.4), (20, 12.0, 0.8)]
     for seed in (0, 1):
         bump = 0.02 * seed
-        _timed_run(
-            sweep / f"a{seed}", seed, "algorithm=slow", [(s, t, v + bump) for s, t, v in slow]
+        _timed_run(  # tested after 0..5 steps, the fast setting after 0..1
+            sweep / f"a{seed}",
+            seed,
+            "algorithm=slow",
+            [(s, t, v + bump) for s, t, v in slow],
+            (0.2, 0.9, 0.91, 0.92, 0.93, 0.95),
         )
         _timed_run(
             sweep / f"b{seed}", seed, "algorithm=fast", [(s, t + seed, v) for s, t, v in fast]
@@ -265,8 +273,13 @@ def test_wall_clock_compares_settings_within_the_shortest_ones_training_time(
         in result.stdout
     )
     # the seeds' table prints accuracies in % too (the CSV keeps metrics.json's fractions)
-    assert "| algorithm=slow | 0 1 | 0.900 ± 0.000 | 20.000 ± 0.000 | 90.000 ± 0.000 | 30 s |" in (
-        result.stdout
+    assert (
+        "| algorithm=slow | 0 1 | 0.900 ± 0.000 | 20.000 ± 0.000 | 90.000 ± 0.000 | "
+        "95.000 ± 0.000 | 30 s |" in result.stdout
+    )  # a step a setting does not report is blank
+    assert (
+        "| algorithm=fast | 0 1 | 0.900 ± 0.000 | 20.000 ± 0.000 | 90.000 ± 0.000 |  | 12 s |"
+        in (result.stdout)
     )
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
 
