@@ -733,6 +733,19 @@ def finished_runs(paths: list[Path]):
     return found
 
 
+def check_outputs(**options: Path | None) -> None:
+    """Refuse, before anything is read or written, an output option (``--out``, ``--plot``,
+    ...) whose file cannot be written: its folder missing, or the path a folder."""
+    for name, path in options.items():
+        if path is None:
+            continue
+        flag = f"--{name.replace('_', '-')} {path}"
+        if path.is_dir():
+            fail(f"{flag}: is a folder; give a file name")
+        if not path.parent.is_dir():
+            fail(f"{flag}: folder {path.parent} does not exist")
+
+
 def echo_skipped(found) -> None:
     """One line on stderr per metrics.json ``collect`` left out, naming the file and why."""
     for path, why in found.skipped:
@@ -769,6 +782,7 @@ def table(
 ) -> None:
     from maml_runner.results import markdown_table, plot_runs
 
+    check_outputs(out=out, plot=plot)
     found = finished_runs(paths)
     runs = found.runs
     echo_table(markdown_table(runs), out, found)
@@ -790,13 +804,14 @@ def sweep_results(
         Path | None,
         typer.Option(
             help="also compare the settings at equal training time: draw each one's validation "
-            "curve against training time to this PNG and print its value within the shortest "
-            "setting's time"
+            "curve of --metric against training time to this PNG and print its value within "
+            "the shortest setting's time"
         ),
     ] = None,
 ) -> None:
     from maml_runner.results import by_setting, setting_rows, settings_markdown, write_csv
 
+    check_outputs(csv=csv, out=out, wall_clock=wall_clock)
     found = finished_runs(paths)
     runs = found.runs
     missing = [r.folder for r in runs if metric not in r.result.mean]
@@ -809,7 +824,7 @@ def sweep_results(
     rows = setting_rows(settings, metric)
     text = settings_markdown(rows, metric)
     if wall_clock is not None:
-        text += "\n\n" + _wall_clock(settings, wall_clock)
+        text += "\n\n" + _wall_clock(settings, metric, wall_clock)
     echo_table(text, out, found)
     if csv is not None:
         write_csv(rows, csv)
@@ -818,18 +833,18 @@ def sweep_results(
         typer.echo(f"wrote {wall_clock}")
 
 
-def _wall_clock(settings, path: Path) -> str:
-    """``sweep-results --wall-clock``: the equal-time table (its text) and plot; the runs without
-    a validation curve named on stderr, or exit 2 if none has one."""
+def _wall_clock(settings: list, metric: str, path: Path) -> str:
+    """``sweep-results --wall-clock``: the equal-time table of ``meta_val/<metric>`` (its text)
+    and plot; the runs without that validation curve named on stderr, exit 2 if none has one."""
     from maml_runner.results import plot_wall_clock, timed_settings, wall_clock_markdown
 
-    timed, left = timed_settings(settings)
+    timed, left = timed_settings(settings, metric)
     for folder, why in left:
         typer.echo(f"--wall-clock leaves out {folder}: {why}", err=True)
     if not timed:
-        fail(f"--wall-clock {path}: no run has a validation curve (see the lines above)")
-    plot_wall_clock(timed, path)
-    return wall_clock_markdown(timed)
+        fail(f"--wall-clock {path}: no run has a meta_val/{metric} curve (see the lines above)")
+    plot_wall_clock(timed, path, metric)
+    return wall_clock_markdown(timed, metric)
 
 
 def main() -> None:

@@ -30,10 +30,7 @@ def adaptation_curves(
     """Metric vs. inner steps with 95% CI bands, one line per run; paper points as markers."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, result in curves.items():
-        mean = torch.tensor(result.mean[metric])
-        ci = torch.tensor(result.ci95[metric])
-        (line,) = ax.plot(result.inner_steps, mean, marker="o", ms=3, label=label)
-        ax.fill_between(result.inner_steps, mean - ci, mean + ci, alpha=0.2, color=line.get_color())
+        _band(ax, result.inner_steps, result.mean[metric], result.ci95[metric], label)
     for label, (steps, values) in (paper or {}).items():
         ax.plot(steps, values, ls="none", marker="x", ms=8, color="black", label=f"paper: {label}")
     lows = [v for r in curves.values() for v in r.mean[metric] if math.isfinite(v) and v > 0]
@@ -45,8 +42,19 @@ def adaptation_curves(
     ax.set_title(title or "adaptation on held-out tasks (mean ± 95% CI)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def _band(ax, x: Sequence[float], mean: Sequence[float], ci: Sequence[float], label: str) -> None:
+    """A line of means with its ± CI band (none where the CI is NaN: one seed)."""
+    mean_t, ci_t = torch.tensor(mean), torch.nan_to_num(torch.tensor(ci))
+    (line,) = ax.plot(x, mean_t, marker="o", ms=3, label=label)
+    ax.fill_between(x, mean_t - ci_t, mean_t + ci_t, alpha=0.2, color=line.get_color())
+
+
+def _save(fig, path: Path, dpi: int = 120) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 
@@ -58,20 +66,15 @@ def wall_clock_curves(
     mean over seeds, 95% CI band); a dotted line at ``budget``, the time every setting reached."""
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for t in timed:
-        mean = torch.tensor(t.means) * scale
-        ci = torch.nan_to_num(torch.tensor(t.cis) * scale)
-        (line,) = ax.plot(t.times, mean, marker="o", ms=3, label=f"{t.label} (seeds {t.seeds})")
-        ax.fill_between(t.times, mean - ci, mean + ci, alpha=0.2, color=line.get_color())
+        means, cis = [scale * m for m in t.means], [scale * c for c in t.cis]
+        _band(ax, t.times, means, cis, f"{t.label} (seeds {t.seeds})")
     ax.axvline(budget, ls=":", color="gray", label=f"equal time: {budget:.0f} s")
     ax.set_xlabel("training time (s)")
     ax.set_ylabel(ylabel)
     ax.set_title("validation during meta-training (mean over seeds ± 95% CI)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def regression_tasks(
@@ -104,10 +107,7 @@ def regression_tasks(
         ax.set_xlabel("x")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, dpi=110)
 
 
 def nav_trajectories(episodes: Sequence, goals: torch.Tensor, path: Path, num_tasks: int) -> Path:
@@ -134,7 +134,4 @@ def nav_trajectories(episodes: Sequence, goals: torch.Tensor, path: Path, num_ta
         ax.set_title(f"task {t}", fontsize=9)
     axes[0][0].legend(fontsize=7, loc="lower left")
     fig.suptitle("2D navigation: one trajectory per adaptation step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

@@ -191,6 +191,18 @@ def is_percent(metric: str) -> bool:
     return metric.endswith("_acc")
 
 
+def shown(metric: str) -> tuple[float, str]:
+    """How tables and plots show ``metric``: the factor its values are multiplied by and its
+    name (accuracies in %, ``is_percent``)."""
+    return (100.0, f"{metric} (%)") if is_percent(metric) else (1.0, metric)
+
+
+def markdown_lines(head: list[str], rows: list[list[str]]) -> list[str]:
+    """A markdown table's lines: the header, its rule, one line per row of cells."""
+    line = "| {} |".format
+    return [line(" | ".join(head)), "|" + "---|" * len(head), *(line(" | ".join(r)) for r in rows)]
+
+
 def ours_cell(mean: float, ci: float, metric: str) -> str:
     """Our mean ± 95% CI: accuracies in % with 2 decimals, other metrics as ``_number``."""
     if is_percent(metric):
@@ -276,10 +288,10 @@ def _metric_table(runs: list[Run], metric: str) -> str:
     """The markdown table of ``runs`` for ``metric`` alone (no footer)."""
     runs = _with_baselines(runs)
     steps = _steps(runs, metric)
-    name = f"{metric} (%)" if is_percent(metric) else metric
+    name = shown(metric)[1]
     head = ["run", "K (test)", "meta-iterations", "train time"]
     head += [f"{name} @{s} (ours)" for s in steps] + [f"@{s} (paper)" for s in steps]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for run in runs:
         m, result = run.metrics, run.result
         paper = _paper(run, metric)
@@ -295,8 +307,8 @@ def _metric_table(runs: list[Run], metric: str) -> str:
             else:
                 cells.append("")
         cells += [paper_cell(paper, s) if paper else "" for s in steps]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append(cells)
+    return "\n".join(markdown_lines(head, rows))
 
 
 def plot_runs(runs: list[Run], path: Path, metric: str | None = None) -> Path:
@@ -388,10 +400,10 @@ def settings_markdown(rows: list[dict], metric: str = "query_loss") -> str:
     """The rows of ``setting_rows`` as markdown, one line per setting."""
     steps = [k.removeprefix(f"{metric}_step").removesuffix("_mean") for k in rows[0]]
     steps = [s for s in steps if s.isdigit()]
-    scale, name = (100, f"{metric} (%)") if is_percent(metric) else (1, metric)
+    scale, name = shown(metric)
     head = ["setting", "seeds", "objective"] + [f"{name} @{s}" for s in steps]
     head += ["train time", "it/s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    table = []
     for row in rows:
         cells = [row["setting"], row["seeds"], _cell(row["objective_mean"], row["objective_ci95"])]
         cells += [
@@ -399,13 +411,12 @@ def settings_markdown(rows: list[dict], metric: str = "query_loss") -> str:
             for s in steps
         ]
         cells += [f"{row['train_time_s_mean']:,.0f} s", f"{row['it_per_s_mean']:.3g}"]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(
+        table.append(cells)
+    footer = (
         "Mean ± 95% CI over seeds (Student's t; none for one seed) of each run's meta-test mean; "
         "objective: the value returned to the sweeper."
     )
-    return "\n".join(lines)
+    return "\n".join([*markdown_lines(head, table), "", footer])
 
 
 def write_csv(rows: list[dict], path: Path) -> Path:
@@ -421,54 +432,42 @@ def write_csv(rows: list[dict], path: Path) -> Path:
 
 @dataclass
 class Curve:
-    """One run's validation ``key`` (its metrics.json ``meta_val.best.key``) by step."""
+    """One run's validation of one metric (``meta_val/<metric>``) by step."""
 
-    key: str
     steps: list[int]
     times: list[float]  # seconds of training before each validation
     values: list[float]
 
 
-def _rows(path: Path) -> list[dict] | str:
-    try:
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        return f"unreadable {path.name} ({type(err).__name__})"
+def validation_curve(run: Run, metric: str) -> Curve | str:
+    """The run's ``meta_val/<metric>`` against training time (its history's ``train_time_s``),
+    or why it has none.
 
-
-def validation_curve(run: Run) -> Curve | str:
-    """The run's validations against training time (its history's ``train_time_s``), or why not.
-
-    A history written before ``train_time_s`` was logged gets its times from the wall clock of
-    its rows, from the first logged speed on; if that disagrees with metrics.json's training
-    time (the run was resumed, so the clock has a gap) the run has no curve.
+    A history written before ``train_time_s`` was logged is timed by its rows' wall clock, from
+    the first logged speed on; if that disagrees with metrics.json's training time (the run was
+    resumed, so the clock has a gap) the run has no curve.
     """
-    best = (run.metrics.get("meta_val") or {}).get("best")
-    if not best:
-        return "no validation (trainer.val_every=0, or none finite)"
-    key = best["key"]
+    key = f"meta_val/{metric}"
     path = run.folder / HISTORY
-    if not path.is_file():
-        return f"no {HISTORY}"
-    rows = _rows(path)
-    if isinstance(rows, str):
-        return rows
+    try:
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"unreadable {HISTORY} ({type(err).__name__})"
     validations = [r for r in rows if isinstance(r.get(key), float | int)]
     if not validations:
-        return f"no {key} in its {HISTORY}"
+        return f"no {key} in its {HISTORY} (trainer.val_every=0?)"
     steps = [int(r["step"]) for r in validations]
     values = [float(r[key]) for r in validations]
     if all("train_time_s" in r for r in validations):
-        times = [float(r["train_time_s"]) for r in validations]
-    else:
-        times = _times_from_clock(rows, steps)
-        total = run.metrics["train"]["train_time_s"]
-        if times is None or times[-1] > total * 1.02 + 30:
-            return (
-                f"its {HISTORY} predates train_time_s and its clock disagrees with its "
-                f"training time ({total:.0f} s): resumed?"
-            )
-    return Curve(key, steps, times, values)
+        return Curve(steps, [float(r["train_time_s"]) for r in validations], values)
+    times = _times_from_clock(rows, steps)
+    total = run.metrics["train"]["train_time_s"]
+    if times is None or times[-1] > total * 1.02 + 30:
+        return (
+            f"its {HISTORY} predates train_time_s and its clock disagrees with its training "
+            f"time ({total:.0f} s): resumed?"
+        )
+    return Curve(steps, times, values)
 
 
 def _times_from_clock(rows: list[dict], steps: list[int]) -> list[float] | None:
@@ -477,15 +476,12 @@ def _times_from_clock(rows: list[dict], steps: list[int]) -> list[float] | None:
     before it (the row logged just before its validation when log_every divides val_every)."""
     speed = "meta_train/it_per_s"
     train = [r for r in rows if r.get(speed) and "time" in r]
-    if not train:
+    if not train or train[0]["step"] > steps[0]:
         return None
     start = train[0]["time"] - train[0]["step"] / train[0][speed]
     times = []
     for step in steps:
-        before = [r for r in train if r["step"] <= step]
-        if not before:
-            return None
-        last = before[-1]
+        last = next(r for r in reversed(train) if r["step"] <= step)
         times.append(last["time"] - start + (step - last["step"]) / last[speed])
     return times
 
@@ -496,43 +492,39 @@ class Timed:
 
     label: str
     seeds: str
-    key: str
     steps: list[int]
     times: list[float]
     means: list[float]
     cis: list[float]
 
 
-def timed_settings(settings: list[Setting]) -> tuple[list[Timed], list[tuple[Path, str]]]:
-    """Each setting's mean validation curve over seeds; the runs left out, with why."""
+def timed_settings(
+    settings: list[Setting], metric: str
+) -> tuple[list[Timed], list[tuple[Path, str]]]:
+    """Each setting's mean ``meta_val/<metric>`` curve over seeds; the runs left out, with why."""
     timed, left = [], []
     for setting in settings:
         curves = []
         for run in setting.runs:
-            curve = validation_curve(run)
+            curve = validation_curve(run, metric)
             if isinstance(curve, str):
                 left.append((run.folder, curve))
             else:
                 curves.append((run, curve))
-        keys = {c.key for _, c in curves}
-        if len(keys) > 1:
-            left += [(r.folder, f"validated on {c.key}, its seeds on others") for r, c in curves]
-            continue
-        if not curves:
-            continue
-        common = sorted(set.intersection(*(set(c.steps) for _, c in curves)))
-        if not common:
+        common = sorted(set.intersection(*(set(c.steps) for _, c in curves))) if curves else []
+        if curves and not common:
             left += [(r.folder, "its seeds share no validation step") for r, _ in curves]
+        if not common:
             continue
         times, means, cis = [], [], []
         for step in common:
-            at = [c.steps.index(step) for _, c in curves]
-            times.append(sum(c.times[i] for (_, c), i in zip(curves, at)) / len(curves))
-            mean, ci = _over_seeds([c.values[i] for (_, c), i in zip(curves, at)])
+            at = [(c, c.steps.index(step)) for _, c in curves]
+            times.append(sum(c.times[i] for c, i in at) / len(at))
+            mean, ci = _over_seeds([c.values[i] for c, i in at])
             means.append(mean)
             cis.append(ci)
         seeds = " ".join(str(r.metrics["seed"]) for r, _ in curves)
-        timed.append(Timed(setting.label, seeds, curves[0][1].key, common, times, means, cis))
+        timed.append(Timed(setting.label, seeds, common, times, means, cis))
     return timed, left
 
 
@@ -541,43 +533,30 @@ def equal_time_budget(timed: list[Timed]) -> float:
     return min(t.times[-1] for t in timed)
 
 
-def wall_clock_markdown(timed: list[Timed]) -> str:
-    """Per setting: its validation metric at the last step within the common time budget, and
-    at its end; the budget is the shortest setting's training time."""
+def wall_clock_markdown(timed: list[Timed], metric: str) -> str:
+    """Per setting: its validation ``metric`` at the last step within the common time budget
+    (the shortest setting's training time), and at its end."""
     budget = equal_time_budget(timed)
-    name = _timed_name(timed)
+    scale, name = shown(f"meta_val/{metric}")
     head = ["setting", "seeds", f"{name} within {budget:.0f} s (step, time)", "at the end"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for t in timed:
-        i = max(j for j, time in enumerate(t.times) if time <= budget + 1e-6)
+        within = max(j for j, time in enumerate(t.times) if time <= budget + 1e-6)
         cells = [t.label, t.seeds]
-        scale = _scale(timed)
-        for j in (i, len(t.steps) - 1):
+        for j in (within, len(t.steps) - 1):
             cell = _cell(scale * t.means[j], scale * t.cis[j])
             cells.append(f"{cell} (step {t.steps[j]}, {t.times[j]:.0f} s)")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(
+        rows.append(cells)
+    footer = (
         "Validation tasks, mean ± 95% CI over seeds (Student's t; none for one seed); time: "
         "seconds of training (validation included) before that validation, mean over seeds."
     )
-    return "\n".join(lines)
+    return "\n".join([*markdown_lines(head, rows), "", footer])
 
 
-def plot_wall_clock(timed: list[Timed], path: Path) -> Path:
+def plot_wall_clock(timed: list[Timed], path: Path, metric: str) -> Path:
     from maml_runner.plots import wall_clock_curves
 
+    scale, name = shown(f"meta_val/{metric}")
     budget = equal_time_budget(timed)
-    return wall_clock_curves(
-        timed, path, budget=budget, ylabel=_timed_name(timed), scale=_scale(timed)
-    )
-
-
-def _scale(timed: list[Timed]) -> float:
-    """Accuracies in % (``is_percent``) when every setting validates on one."""
-    return 100.0 if all(is_percent(t.key) for t in timed) else 1.0
-
-
-def _timed_name(timed: list[Timed]) -> str:
-    keys = " / ".join(sorted({t.key for t in timed}))
-    return f"{keys} (%)" if _scale(timed) == 100.0 else keys
+    return wall_clock_curves(timed, path, budget=budget, ylabel=name, scale=scale)

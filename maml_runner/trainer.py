@@ -376,14 +376,15 @@ def fit(
                 now = time.perf_counter()
                 speed = (step - clock_step) / max(now - clock, 1e-9)
                 clock, clock_step = now, step
+                trained = elapsed()
                 row = {**dict(zip(metrics, means)), "meta_train/it_per_s": speed}
-                tracker.log(row, step, elapsed())
+                tracker.log(row, step, trained)
                 loss_sum.zero_()
                 count = 0
                 if bar is not None:
                     bar.update(task, completed=step, speed=f"{speed:.3g}", loss=f"{mean:.4g}")
                 if lines is not None:
-                    lines.update(step, speed, mean, elapsed())
+                    lines.update(step, speed, mean, trained)
             if validation is not None and val_every and (step % val_every == 0 or step == steps):
                 best, last_validation = _validate(
                     validation, step, best, tracker, console, elapsed()

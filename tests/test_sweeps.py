@@ -224,6 +224,7 @@ def _timed_run(
             "inner_steps": list(range(len(test))),
             "num_tasks": 600,
             "query_acc": {"mean": list(test), "ci95": [0.01] * len(test)},
+            "query_loss": {"mean": [1 - a for a in test], "ci95": [0.01] * len(test)},
         },
         "meta_val": {"best": {"key": KEY, "value": max(v for *_, v in vals), "step": steps}},
         "train": {"steps": steps, "train_time_s": vals[-1][1], "it_per_s": 1.0},
@@ -232,7 +233,8 @@ def _timed_run(
     rows = []
     for step, time, value in vals:
         rows.append({"step": step, "time": 5e8 + time, "train_time_s": time, "meta_train/x": 1})
-        rows.append({"step": step, "time": 5e8 + time + 3, "train_time_s": time, KEY: value})
+        validation = {KEY: value, "meta_val/query_loss": 1 - value}
+        rows.append({"step": step, "time": 5e8 + time + 3, "train_time_s": time, **validation})
     (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
@@ -282,6 +284,35 @@ def test_wall_clock_compares_settings_within_the_shortest_ones_training_time(
         in (result.stdout)
     )
     assert png.stat().st_size > 10_000 and png.read_bytes()[:4] == b"\x89PNG"
+    # --metric picks the validation curve too (the runs chose their best θ on accuracy)
+    result = CliRunner().invoke(
+        cli.app, ["sweep-results", str(sweep), "--metric", "query_loss", "--wall-clock", str(png)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "| algorithm=slow | 0 1 | 0.490 ± 0.127 (step 10, 10 s) |" in result.stdout
+    assert "meta_val/query_loss within 12 s" in result.stdout and "(%)" not in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["table", "--plot", "{tmp}/no/such/a.png"], "--plot {tmp}/no/such/a.png: folder "),
+        (["sweep-results", "--out", "{tmp}/no/t.md"], "--out {tmp}/no/t.md: folder {tmp}/no "),
+        (["sweep-results", "--wall-clock", "{tmp}"], "--wall-clock {tmp}: is a folder; give a"),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_refused_first(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    sweep = tmp_path / "sweep"
+    _timed_run(sweep / "a", 0, "algorithm=a", [(10, 10.0, 0.5)])
+    before = sorted(tmp_path.rglob("*"))
+    command, *rest = (a.format(tmp=tmp_path) for a in args)
+    result = CliRunner().invoke(cli.app, [command, str(sweep), *rest])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert message.format(tmp=tmp_path) in result.stderr
+    assert sorted(tmp_path.rglob("*")) == before
 
 
 def test_wall_clock_reads_a_history_from_before_train_time_s_by_its_clock(tmp_path: Path) -> None:
@@ -301,7 +332,7 @@ def test_wall_clock_reads_a_history_from_before_train_time_s_by_its_clock(tmp_pa
 
     run = read_run(fresh / "metrics.json")
     assert isinstance(run, Run)
-    curve = validation_curve(run)
+    curve = validation_curve(run, "query_acc")
     assert not isinstance(curve, str) and curve.times == [5.0, 13.0] and curve.values == [0.5, 0.6]
     png = tmp_path / "clock.png"
     result = CliRunner().invoke(
@@ -312,7 +343,7 @@ def test_wall_clock_reads_a_history_from_before_train_time_s_by_its_clock(tmp_pa
         result.stderr
     )
     assert result.stderr.strip().splitlines()[-1] == (
-        f"error: --wall-clock {png}: no run has a validation curve (see the lines above)"
+        f"error: --wall-clock {png}: no run has a meta_val/query_acc curve (see the lines above)"
     )
 
 
