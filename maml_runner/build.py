@@ -186,7 +186,11 @@ def validate_rl(cfg: DictConfig) -> None:
     if t.env == "nav2d":
         _require(t.goal == "position", "task.goal", t.goal, "nav2d tasks are goal positions")
     _validate_robot_keys(t)
-    from maml_runner.rl.envs import REFERENCE_GOAL_RANGE, REFERENCE_GOALS, TEST_GOALS
+    from maml_runner.rl.envs import REFERENCE_GOAL_RANGE, REFERENCE_GOALS, TEST_GOALS, check_robot
+
+    if t.env != "nav2d":
+        with _keys("task"):
+            check_robot(t.robot, t.env, OmegaConf.to_container(t.env_kwargs))
 
     goals = t.test_goals
     _require(
@@ -224,7 +228,7 @@ def validate_rl(cfg: DictConfig) -> None:
 
 # task keys only one kind of robot has (null in the other's task files)
 NAV2D_ONLY = ("reward", "action_bound", "goal_radius", "action_map", "goal_shape")
-MUJOCO_ONLY = ("env_kwargs", "workers")
+MUJOCO_ONLY = ("env_kwargs", "workers", "robot")
 GOAL_RANGE = ("goal_low", "goal_high")  # position and velocity goals; direction goals are ±1
 
 
@@ -819,6 +823,7 @@ def _build_rl(cfg: DictConfig) -> RLJob:
                     **{k: t[k] for k in GOAL_RANGE if t[k] is not None},
                     env_kwargs=OmegaConf.to_container(t.env_kwargs),
                     workers=t.workers,
+                    robot=t.robot,
                 )
         except UserError:
             raise

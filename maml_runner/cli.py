@@ -315,6 +315,8 @@ def torchrun_overrides(overrides: list[str]) -> list[str]:
 def train(ctx: typer.Context) -> None:
     overrides = list(ctx.args)
     check_group_choices(overrides)
+    # a resume's own overrides are checked on top of the run's (task.robot=… on a cheetah run)
+    overrides = resume_overrides(overrides)
     flags = [o for o in overrides if o.startswith("-")]
     cfg = None
     if all(f in ("-m", "--multirun") for f in flags):  # Hydra's --cfg/--info print and exit
@@ -324,7 +326,7 @@ def train(ctx: typer.Context) -> None:
             check_sweep_jobs(overrides, cfg)
         elif any("," in o.partition("=")[2] for o in overrides):
             cfg = check_overrides(overrides, multirun=False)  # refuses a sweep without -m
-    overrides = absolute_searchpath(resume_overrides(overrides))
+    overrides = absolute_searchpath(overrides)
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if torchrun:
         overrides = torchrun_overrides(overrides)
@@ -552,6 +554,7 @@ EVALUATE_KEYS = (
     "task.n_way",
     "task.eval_query_size",
     "task.test_goals",
+    "task.eval_later_lr_scale",
     "inner.lr",
     "inner.eval_steps",
     "eval.num_tasks",
@@ -614,7 +617,10 @@ def _evaluation_config(saved, overrides: list[str], options: dict):
     outer = _option_with_target("outer", saved.outer._target_)
     if outer is not None:
         groups.append(f"outer={outer}")
-    cfg = OmegaConf.merge(compose(groups), saved)
+    base = compose(groups)
+    if "env_kwargs" in base.task:  # an open dict: a preset's keywords (frame_skip) are the run's
+        OmegaConf.set_struct(base.task.env_kwargs, False)
+    cfg = OmegaConf.merge(base, saved)
     if "env" in cfg.task:  # RL runs saved before a task kept only its robot's keys
         from maml_runner.build import unused_task_keys
 

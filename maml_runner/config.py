@@ -197,6 +197,7 @@ class RLTaskConfig:
     # gymnasium MuJoCo robots only; {} and null for nav2d
     env_kwargs: dict[str, Any] = MISSING
     workers: int | None = MISSING
+    robot: str | None = MISSING
 
 
 @dataclass

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -147,13 +148,73 @@ def test_locomotion_task_rewards_match_gymnasium(goal: str) -> None:
     env.close()
 
 
-def test_locomotion_worker_processes_give_the_same_episodes() -> None:
+def test_rllab_readings_of_the_half_cheetah() -> None:
+    """task.robot=rllab: the observation is qpos[1:], qvel and the whole robot's centre of mass
+    (20), the task's velocity that centre of mass's x velocity (its sum × dt is the centre of
+    mass's displacement, which the root's is not), reset noise N(0, 0.01²) on the positions."""
     pytest.importorskip("gymnasium")
-    policy = GaussianPolicy(17, 6, hidden=(8,))
+    kwargs = {"frame_skip": 1, "ctrl_cost_weight": 0.0}
+    env = Locomotion("HalfCheetah-v5", goal="direction", env_kwargs=kwargs, robot="rllab")
+    try:
+        assert env.obs_dim == 20
+        obs = env.reset(torch.tensor([[1.0], [-1.0]]), make_generator(0, CPU))
+        assert obs.shape == (2, 20)
+        robot = env._local[0]
+        data = robot.data
+        deviation = data.qpos - robot.init_qpos
+        assert 0 < abs(deviation).max() < 0.05  # N(0, 0.01²): gymnasium's is U(±0.1)
+        torch.testing.assert_close(obs[0, 8:17], torch.as_tensor(data.qvel, dtype=torch.float32))
+        start_com, start_root = data.subtree_com[1, 0], data.qpos[0]
+        actions = torch.randn(100, 2, 6, generator=make_generator(1, CPU))
+        returns = torch.zeros(2)
+        for a in actions:
+            obs, reward, _ = env.step(a)
+            returns += reward
+        com = torch.as_tensor(data.subtree_com[1], dtype=torch.float32)
+        torch.testing.assert_close(obs[0, 17:], com)
+        torch.testing.assert_close(obs[0, :8], torch.as_tensor(data.qpos[1:], dtype=torch.float32))
+        dt = robot.dt
+        com_moved, root_moved = data.subtree_com[1, 0] - start_com, data.qpos[0] - start_root
+        # (to the integrator's error: the velocity is read at the new state)
+        assert math.isclose(returns[0].item() * dt, com_moved, rel_tol=1e-2), (returns, com_moved)
+        assert root_moved != pytest.approx(com_moved, rel=1e-3)
+        # rllab's own formula (mjcore.py's body_comvels): the bodies' linear momenta over the mass
+        import mujoco
+
+        momentum = np.zeros(3)
+        for body in range(1, robot.model.nbody):
+            velocity = np.zeros(6)
+            mujoco.mj_objectVelocity(robot.model, data, mujoco.mjtObj.mjOBJ_BODY, body, velocity, 0)
+            momentum += robot.model.body_mass[body] * velocity[3:]
+        rllab_velocity = momentum[0] / robot.model.body_mass[1:].sum()
+        assert math.isclose(reward[0].item(), rllab_velocity, rel_tol=1e-5, abs_tol=1e-5)
+    finally:
+        env.close()
+
+
+def test_rllab_readings_are_refused_where_they_do_not_apply() -> None:
+    from maml_runner.errors import InvalidArgument
+
+    with pytest.raises(
+        InvalidArgument, match="robot=rllab: rllab's readings are HalfCheetah's only"
+    ):
+        Locomotion("Ant-v5", goal="direction", robot="rllab")
+    kwargs = {"exclude_current_positions_from_observation": False}
+    with pytest.raises(InvalidArgument, match="exclude_current_positions_from_observation=False"):
+        Locomotion("HalfCheetah-v5", goal="direction", env_kwargs=kwargs, robot="rllab")
+    with pytest.raises(InvalidArgument, match="robot=mujoco_py: choose one of gymnasium, rllab"):
+        Locomotion("HalfCheetah-v5", goal="direction", robot="mujoco_py")
+
+
+@pytest.mark.parametrize("robot", ["gymnasium", "rllab"])
+def test_locomotion_worker_processes_give_the_same_episodes(robot: str) -> None:
+    pytest.importorskip("gymnasium")
+    obs_dim = {"gymnasium": 17, "rllab": 20}[robot]
+    policy = GaussianPolicy(obs_dim, 6, hidden=(8,))
     params = per_task(dict(policy.named_parameters()), 2)
     runs = []
     for workers in (1, 2):
-        env = Locomotion("HalfCheetah-v5", goal="velocity", workers=workers)
+        env = Locomotion("HalfCheetah-v5", goal="velocity", workers=workers, robot=robot)
         try:
             runs.append(
                 rollout(
@@ -395,13 +456,30 @@ def test_reference_test_goals_are_the_reference_codes_40() -> None:
         job.close()
 
 
+def test_evaluate_may_change_the_later_steps_step_size() -> None:
+    """task.eval_later_lr_scale is a test-time setting (the reference tests chose it per robot):
+    evaluate takes it; a bad value is refused as at training."""
+    from maml_runner.build import validate
+    from maml_runner.cli import _evaluation_config
+    from maml_runner.errors import UserError
+
+    saved = make_config(TINY_NAV)
+    cfg = _evaluation_config(saved, ["task.eval_later_lr_scale=0.25"], {})
+    validate(cfg)
+    assert cfg.task.eval_later_lr_scale == 0.25 and saved.task.eval_later_lr_scale == 0.5
+    with pytest.raises(UserError, match="task.eval_later_lr_scale=0"):
+        validate(_evaluation_config(saved, ["task.eval_later_lr_scale=0"], {}))
+
+
 def test_rl_resume_is_exact_and_evaluate_reads_rl_runs(tmp_path) -> None:
     """4 iterations in one go == 2, then `resume=DIR trainer.steps=4`; `maml-run evaluate`
     re-runs the RL meta-test from the checkpoint and gets the run's own numbers."""
     straight, split = tmp_path / "straight", tmp_path / "split"
     maml_run([*TINY_NAV, "trainer.steps=4", f"hydra.run.dir={straight}"], cwd=tmp_path)
     maml_run([*TINY_NAV, "trainer.steps=2", f"hydra.run.dir={split}"], cwd=tmp_path)
-    maml_run([f"resume={split}", "trainer.steps=4"], cwd=tmp_path)
+    # a task key of the run's own task is checked on the run's config (the default task,
+    # sinusoid, has no task.eval_later_lr_scale: it was refused as "no such config key")
+    maml_run([f"resume={split}", "trainer.steps=4", "task.eval_later_lr_scale=0.5"], cwd=tmp_path)
     a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
     b = torch.load(split / "checkpoints" / "last.pt", weights_only=True)
     assert a["step"] == b["step"] == 4
@@ -471,6 +549,8 @@ RL_PARTS = ["model=gaussian_mlp", "outer=trpo"]
         (["task=cheetah_vel", "task.goal_low=null"], "task.goal_low=null: task=cheetah_vel needs"),
         (["task=nav2d", "task.action_map=null"], "task.action_map=null: task=nav2d needs a"),
         (["task=cheetah_dir", "task.workers=null"], "task.workers=null: task=cheetah_dir needs"),
+        (["task=nav2d", "task.robot=rllab"], "task.robot=rllab: task=nav2d would ignore it"),
+        (["task=ant_dir", "task.robot=rllab"], "task.robot=rllab: rllab's readings are Half"),
         # a navigation preset's keys on a locomotion task: refused, not dropped
         (["experiment=finn17_nav2d", "task=ant_dir"], "task.reward=distance: task=ant_dir would"),
     ],
@@ -511,6 +591,14 @@ def test_evaluate_reads_a_run_saved_with_the_keys_its_robot_ignored() -> None:
         cfg = _evaluation_config(OmegaConf.create(saved), ["task.test_goals=sampled"], {})
         validate(cfg)
         assert all(not cfg.task[key] for key in keys), cfg.task
+    # a preset's gymnasium keywords (frame_skip), which the task file lacks, are the run's; a run
+    # saved before task.robot existed read the robot as gymnasium does
+    saved = OmegaConf.to_container(make_config(["experiment=finn17_cheetah_dir"]))
+    del saved["task"]["robot"]
+    saved["task"]["env_kwargs"]["exclude_current_positions_from_observation"] = False
+    cfg = _evaluation_config(OmegaConf.create(saved), [], {})
+    validate(cfg)
+    assert cfg.task.robot == "gymnasium" and cfg.task.env_kwargs.frame_skip == 1
 
 
 def test_rl_bad_input_is_one_line(tmp_path) -> None:

@@ -38,6 +38,18 @@ TEST_GOALS = ("sampled", "reference")
 REFERENCE_GOALS = 40
 REFERENCE_GOAL_RANGE = (-0.5, 0.5)
 FORWARD = "reward_forward"  # gymnasium's forward term, which the task reward replaces
+# How a MuJoCo robot is read. gymnasium: its own observation, root x velocity and reset noise.
+# rllab: the readings of the reference code's rllab half-cheetah, on the same model
+# (half_cheetah_env_rand_direc.py, rllab's mujoco_env.py and mjcore.py): the task's velocity is
+# the whole robot's centre-of-mass x velocity (get_body_comvel("torso"), from the bodies' momenta),
+# the observation the joint positions without the root's x, the velocities and the centre of
+# mass (20 numbers), reset noise qpos + N(0, 0.01²), qvel + N(0, 0.1²).
+ROBOTS = ("gymnasium", "rllab")
+# rllab's readings are the half-cheetah's only (its ant observed contact forces and the torso's
+# orientation as well); they replace these gymnasium keywords, which would then be ignored
+RLLAB_ROBOTS = ("HalfCheetah",)
+RLLAB_REPLACES = ("exclude_current_positions_from_observation", "reset_noise_scale")
+TORSO = 1  # body 0 is the world; the torso is the root of the robot's tree
 
 
 class VectorEnv(Protocol):
@@ -159,6 +171,25 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
+def check_robot(robot: str, env_id: str, env_kwargs: dict) -> None:
+    """Refuse a ``robot`` reading this ``env_id`` lacks, or gymnasium keywords it would ignore."""
+    choose("robot", robot, ROBOTS)
+    if robot == "rllab":
+        require(
+            env_id.split("-")[0] in RLLAB_ROBOTS,
+            "robot",
+            robot,
+            f"rllab's readings are {', '.join(RLLAB_ROBOTS)}'s only, not {env_id}'s",
+        )
+        for key in RLLAB_REPLACES:
+            require(
+                key not in env_kwargs,
+                f"env_kwargs.{key}",
+                env_kwargs.get(key),
+                "robot=rllab reads its own observation and reset noise; drop the key",
+            )
+
+
 def _make_envs(env_id: str, kwargs: dict, num: int) -> list:
     try:
         import gymnasium as gym
@@ -170,7 +201,7 @@ def _make_envs(env_id: str, kwargs: dict, num: int) -> list:
         return [gym.make(env_id, **kwargs).unwrapped for _ in range(num)]
 
 
-def _serve(conn, env_id: str, kwargs: dict) -> None:
+def _serve(conn, env_id: str, kwargs: dict, robot: str) -> None:
     """Worker process: own a slice of the episodes' environments, step them on request."""
     envs: list = []
     while True:
@@ -178,25 +209,50 @@ def _serve(conn, env_id: str, kwargs: dict) -> None:
         if command == "reset":
             if len(data) > len(envs):
                 envs += _make_envs(env_id, kwargs, len(data) - len(envs))
-            conn.send(_reset(envs, data))
+            conn.send(_reset(envs, data, robot))
         elif command == "step":
-            conn.send(_step(envs, data))
+            conn.send(_step(envs, data, robot))
         else:
             conn.close()
             return
 
 
-def _reset(envs: list, seeds: list[int]) -> np.ndarray:
-    return np.stack([env.reset(seed=s)[0] for env, s in zip(envs, seeds)])
+def _reset(envs: list, seeds: list[int], robot: str) -> np.ndarray:
+    obs = []
+    for env, seed in zip(envs, seeds):
+        o, _ = env.reset(seed=seed)
+        if robot == "rllab":
+            noise = env.np_random.standard_normal  # seeded by reset
+            env.set_state(
+                env.init_qpos + 0.01 * noise(env.model.nq),
+                env.init_qvel + 0.1 * noise(env.model.nv),
+            )
+            o = _rllab_readings(env)[0]
+        obs.append(o)
+    return np.stack(obs)
 
 
-def _step(envs: list, actions: np.ndarray) -> tuple[np.ndarray, ...]:
+def _rllab_readings(env) -> tuple[np.ndarray, float]:
+    """rllab's observation and the centre-of-mass x velocity of the robot's current state."""
+    import mujoco
+
+    model, data = env.model, env.data
+    mujoco.mj_forward(model, data)  # rllab's forward_dynamics ends with a forward pass
+    mujoco.mj_subtreeVel(model, data)
+    obs = np.concatenate([data.qpos[1:], data.qvel, data.subtree_com[TORSO]])
+    return obs, float(data.subtree_linvel[TORSO, 0])
+
+
+def _step(envs: list, actions: np.ndarray, robot: str) -> tuple[np.ndarray, ...]:
     """Step ``len(actions)`` envs; return obs, x velocity, the non-forward rewards, terminated."""
     obs, velocity, rest, terminated = [], [], [], []
     for env, action in zip(envs, actions):
         o, _, term, _, info = env.step(action)
+        speed = info["x_velocity"]
+        if robot == "rllab":
+            o, speed = _rllab_readings(env)
         obs.append(o)
-        velocity.append(info["x_velocity"])
+        velocity.append(speed)
         rest.append(sum(v for k, v in info.items() if k.startswith("reward_") and k != FORWARD))
         terminated.append(term)
     return np.stack(obs), np.array(velocity), np.array(rest), np.array(terminated)
@@ -210,11 +266,13 @@ class Locomotion:
     ``−|v_x − g|``.
     To either the environment's own other terms are added (control cost; for the ant, contact
     cost and survival bonus), with weights from ``env_kwargs``. Actions are clipped to the action
-    space. Episodes are split over ``workers`` processes (1: in this process).
+    space. Episodes are split over ``workers`` processes (1: in this process). ``robot``: how
+    the robot is read, gymnasium's way or the reference code's rllab half-cheetah's (``ROBOTS``).
 
     Raises:
-        InvalidArgument: a ``goal`` not in ``GOALS``, ``goal_high < goal_low``, or ``workers``
-            not an integer >= 1 (checked before any environment is made).
+        InvalidArgument: a ``goal`` not in ``GOALS``, ``goal_high < goal_low``, ``workers``
+            not an integer >= 1, or a ``robot`` reading ``check_robot`` refuses (checked before
+            any environment is made).
         ImportError: gymnasium is not installed.
     """
 
@@ -230,14 +288,19 @@ class Locomotion:
         goal_high: float = 2.0,
         env_kwargs: dict | None = None,
         workers: int = 1,
+        robot: str = "gymnasium",
     ) -> None:
         choose("goal", goal, GOALS)
         _check_goal_range(goal_low, goal_high)
         positive_int("workers", workers)
         self.env_id, self.goal, self.goal_low, self.goal_high = env_id, goal, goal_low, goal_high
         self.kwargs = dict(env_kwargs or {})
+        check_robot(robot, env_id, self.kwargs)
+        self.robot = robot
         probe = _make_envs(env_id, self.kwargs, 1)[0]
-        self.obs_dim = int(probe.observation_space.shape[0])
+        model = probe.model
+        rllab_dim = model.nq - 1 + model.nv + 3
+        self.obs_dim = int(rllab_dim if robot == "rllab" else probe.observation_space.shape[0])
         self.act_dim = int(probe.action_space.shape[0])
         self.low = torch.as_tensor(probe.action_space.low, dtype=torch.float32)
         self.high = torch.as_tensor(probe.action_space.high, dtype=torch.float32)
@@ -253,7 +316,9 @@ class Locomotion:
         ctx = mp.get_context("spawn")
         for _ in range(self.workers):
             parent, child = ctx.Pipe()
-            proc = ctx.Process(target=_serve, args=(child, self.env_id, self.kwargs), daemon=True)
+            proc = ctx.Process(
+                target=_serve, args=(child, self.env_id, self.kwargs, self.robot), daemon=True
+            )
             proc.start()
             self._pipes.append(parent)
             self._procs.append(proc)
@@ -271,7 +336,7 @@ class Locomotion:
         if self.workers == 1:
             if len(seeds) > len(self._local):
                 self._local += _make_envs(self.env_id, self.kwargs, len(seeds) - len(self._local))
-            return torch.as_tensor(_reset(self._local, seeds), dtype=torch.float32)
+            return torch.as_tensor(_reset(self._local, seeds, self.robot), dtype=torch.float32)
         if not self._procs:
             self._start()
         parts = np.array_split(np.arange(len(seeds)), self.workers)
@@ -284,7 +349,7 @@ class Locomotion:
     def step(self, action: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         action = action.detach().cpu().clamp(self.low, self.high).numpy()
         if self.workers == 1:
-            results = [_step(self._local, action)]
+            results = [_step(self._local, action, self.robot)]
         else:
             lo = 0
             for pipe, size in zip(self._pipes, self._sizes):
