@@ -237,7 +237,12 @@ def _rllab_readings(env) -> tuple[np.ndarray, float]:
     import mujoco
 
     model, data = env.model, env.data
-    mujoco.mj_forward(model, data)  # rllab's forward_dynamics ends with a forward pass
+    # mj_step leaves the centres of mass at the state before it; rllab's forward_dynamics ended
+    # with a whole forward pass; its position and velocity stages give the same readings
+    # (bit-identical), without the constraint solve
+    mujoco.mj_kinematics(model, data)
+    mujoco.mj_comPos(model, data)
+    mujoco.mj_comVel(model, data)
     mujoco.mj_subtreeVel(model, data)
     obs = np.concatenate([data.qpos[1:], data.qvel, data.subtree_com[TORSO]])
     return obs, float(data.subtree_linvel[TORSO, 0])
@@ -298,9 +303,10 @@ class Locomotion:
         check_robot(robot, env_id, self.kwargs)
         self.robot = robot
         probe = _make_envs(env_id, self.kwargs, 1)[0]
-        model = probe.model
-        rllab_dim = model.nq - 1 + model.nv + 3
-        self.obs_dim = int(rllab_dim if robot == "rllab" else probe.observation_space.shape[0])
+        shape = (
+            _rllab_readings(probe)[0].shape if robot == "rllab" else probe.observation_space.shape
+        )
+        self.obs_dim = int(shape[0])
         self.act_dim = int(probe.action_space.shape[0])
         self.low = torch.as_tensor(probe.action_space.low, dtype=torch.float32)
         self.high = torch.as_tensor(probe.action_space.high, dtype=torch.float32)
