@@ -202,6 +202,8 @@ def test_rllab_readings_are_refused_where_they_do_not_apply() -> None:
     kwargs = {"exclude_current_positions_from_observation": False}
     with pytest.raises(InvalidArgument, match="exclude_current_positions_from_observation=False"):
         Locomotion("HalfCheetah-v5", goal="direction", env_kwargs=kwargs, robot="rllab")
+    with pytest.raises(InvalidArgument, match="forward_reward_weight=2.0: the task's reward"):
+        Locomotion("HalfCheetah-v5", goal="velocity", env_kwargs={"forward_reward_weight": 2.0})
     with pytest.raises(InvalidArgument, match="robot=mujoco_py: choose one of gymnasium, rllab"):
         Locomotion("HalfCheetah-v5", goal="direction", robot="mujoco_py")
 

@@ -38,6 +38,7 @@ TEST_GOALS = ("sampled", "reference")
 REFERENCE_GOALS = 40
 REFERENCE_GOAL_RANGE = (-0.5, 0.5)
 FORWARD = "reward_forward"  # gymnasium's forward term, which the task reward replaces
+FORWARD_WEIGHT = "forward_reward_weight"  # its weight: the task reward makes it ignored
 # How a MuJoCo robot is read. gymnasium: its own observation, root x velocity and reset noise.
 # rllab: the readings of the reference code's rllab half-cheetah, on the same model
 # (half_cheetah_env_rand_direc.py, rllab's mujoco_env.py and mjcore.py): the task's velocity is
@@ -174,6 +175,12 @@ def _quiet_stderr() -> Iterator[None]:
 def check_robot(robot: str, env_id: str, env_kwargs: dict) -> None:
     """Refuse a ``robot`` reading this ``env_id`` lacks, or gymnasium keywords it would ignore."""
     choose("robot", robot, ROBOTS)
+    require(
+        FORWARD_WEIGHT not in env_kwargs,
+        f"env_kwargs.{FORWARD_WEIGHT}",
+        env_kwargs.get(FORWARD_WEIGHT),
+        "the task's reward (d·v_x or −|v_x − g|) replaces gymnasium's forward term; drop the key",
+    )
     if robot == "rllab":
         require(
             env_id.split("-")[0] in RLLAB_ROBOTS,
