@@ -245,6 +245,7 @@ CASES: list[tuple[str, Callable[[Path], object], str, str]] = [
         "need 0 < backtrack_ratio < 1",
     ),
     ("trpo-max-backtracks", lambda _: TRPO([], max_backtracks=0), "max_backtracks", INTEGER),
+    ("trpo-fvp-eps", lambda _: TRPO([], fvp_eps=0.0), "fvp_eps", "null (exact products) or > 0"),
     ("meta-discount-0", lambda _: meta_rl(discount=0.0), "discount", "need 0 < discount <= 1"),
     ("meta-discount-big", lambda _: meta_rl(discount=1.5), "discount", "need 0 < discount <= 1"),
     (

@@ -364,6 +364,50 @@ def test_trpo_step_improves_the_surrogate_within_the_kl_bound(first_order: bool)
     assert moved > 0
 
 
+def test_finite_difference_fvp_with_a_small_eps_is_the_exact_product() -> None:
+    """Central differences of the KL gradient (through the inner step) at θ ± ε·v approach the
+    exact Fisher-vector product as ε → 0 (float64); at the reference's ε = 1/‖θ‖ they do not."""
+    torch.set_default_dtype(torch.float64)
+    try:
+        learner = _learner(dtype=torch.float64)
+        stream = RLTaskStream(learner.env, meta_batch_size=3, seed=0)
+        objective, _ = learner.meta_objective(*stream.batch(0))
+        params = list(learner.params.values())
+        before = [p.detach().clone() for p in params]
+        _, kl = objective(True)
+        v = torch.randn(sum(p.numel() for p in params), generator=make_generator(1, CPU))
+        exact = TRPO(params).fisher_vector_product(objective, kl)(v)
+        small = TRPO(params, fvp_eps=1e-5).fisher_vector_product(objective, kl)(v)
+        wide = TRPO(params, fvp_eps=1.0).fisher_vector_product(objective, kl)(v)
+        assert (small - exact).norm() < 1e-6 * exact.norm()
+        assert (wide - exact).norm() > 0.1 * exact.norm()
+        assert all(torch.equal(p, b) for p, b in zip(params, before))  # θ put back
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_finite_difference_fvp_at_the_reference_eps_holds_back_a_falling_log_std() -> None:
+    """The reference's ε = 1/‖θ‖ sees the KL grow faster than its quadratic model where a
+    log-std falls (KL(Δ) = Δ + e^{−2Δ}/2 − 1/2, Δ its change), so the step moves the log-std
+    less, relative to a mean weight (KL m²: quadratic, seen alike), than the exact step does."""
+    ratios = {}
+    for name, kw in (("exact", {}), ("fd", {"fvp_eps": 1.0})):
+        m, s = torch.zeros(1, requires_grad=True), torch.zeros(1, requires_grad=True)
+        other = torch.full((1,), 3.0, requires_grad=True)  # ‖θ‖ = 3: ε = 1/3
+
+        def objective(differentiable: bool, m=m, s=s, other=other):
+            delta = -(s + 0 * other).sum()  # the log-std falls as s rises
+            kl = m.square().sum() + delta + torch.exp(-2 * delta) / 2 - 0.5
+            return -(m + 10 * s + 0 * other).sum(), kl
+
+        stats = TRPO([m, s, other], max_kl=0.01, **kw).step(objective)
+        assert stats["surrogate"] < stats["surrogate_before"] and 0 < stats["kl"] <= 0.01
+        assert other.item() == 3.0
+        ratios[name] = s.item() / m.item()
+    assert ratios["exact"] == pytest.approx(10, rel=1e-3)  # H = diag(2, 2): the step ∝ g
+    assert 0 < ratios["fd"] < 0.9 * ratios["exact"]
+
+
 def test_trpo_update_returns_what_it_names() -> None:
     """``trpo_step``'s figures are [post, pre, kl, backtracks, surrogate improvement], as METRICS
     names them (the trust region's health every step); the stream's tasks (and so the step)
