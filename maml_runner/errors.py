@@ -44,6 +44,11 @@ def choose(name: str, value: object, choices: Iterable[object]) -> None:
     require(value in choices, name, value, f"choose one of {', '.join(map(str, choices))}")
 
 
+def is_number(value: object) -> bool:
+    """An int or float, not a bool (YAML's ``true`` is not a number to compare)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def positive_int(name: str, value: object, minimum: int = 1) -> None:
     """Refuse anything but an integer (not a bool) >= ``minimum``."""
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= minimum

@@ -246,6 +246,8 @@ CASES: list[tuple[str, Callable[[Path], object], str, str]] = [
     ),
     ("trpo-max-backtracks", lambda _: TRPO([], max_backtracks=0), "max_backtracks", INTEGER),
     ("trpo-fvp-eps", lambda _: TRPO([], fvp_eps=0.0), "fvp_eps", "null (exact products) or > 0"),
+    ("trpo-fvp-eps-bool", lambda _: TRPO([], fvp_eps=True), "fvp_eps", "null (exact products)"),
+    ("trpo-max-kl-str", lambda _: TRPO([], max_kl="abc"), "max_kl", "must be > 0"),
     ("meta-discount-0", lambda _: meta_rl(discount=0.0), "discount", "need 0 < discount <= 1"),
     ("meta-discount-big", lambda _: meta_rl(discount=1.5), "discount", "need 0 < discount <= 1"),
     (

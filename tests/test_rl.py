@@ -675,6 +675,10 @@ def test_rl_bad_input_is_one_line(tmp_path) -> None:
         ([*RL_PARTS, "task=cheetah_dir", "task.env=Nope-v0"], "task.env=Nope-v0"),
         ([*TINY_NAV, "task=cheetah_dir"], "task.reward=distance: task=cheetah_dir would ignore"),
         (["task=sinusoid", "outer=trpo"], "the Gaussian policy and TRPO are for RL tasks"),
+        # TRPO's numbers: a string or a bool was a Hydra error (or taken as 1) and left a folder
+        ([*TINY_NAV, "outer.fvp_eps=abc"], "outer.fvp_eps=abc: null (exact products) or > 0"),
+        ([*TINY_NAV, "outer.fvp_eps=true"], "outer.fvp_eps=True: null (exact products) or > 0"),
+        ([*TINY_NAV, "outer.max_kl=abc"], "outer.max_kl=abc: the KL bound must be > 0"),
     ):
         proc = maml_run(args, cwd=tmp_path, check=False)
         assert proc.returncode == 2, proc.stderr

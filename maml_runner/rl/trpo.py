@@ -26,7 +26,7 @@ from torch import Tensor
 from torch.nn.utils import parameters_to_vector as flat
 from torch.nn.utils import vector_to_parameters
 
-from maml_runner.errors import positive_int, require
+from maml_runner.errors import is_number, positive_int, require
 
 Objective = Callable[[bool], tuple[Tensor, Tensor]]
 
@@ -79,18 +79,23 @@ class TRPO:
         max_backtracks: int = 15,
         fvp_eps: float | None = None,
     ) -> None:
-        require(max_kl > 0, "max_kl", max_kl, "the KL bound must be > 0")
+        require(is_number(max_kl) and max_kl > 0, "max_kl", max_kl, "the KL bound must be > 0")
         positive_int("cg_iters", cg_iters)
-        require(cg_damping >= 0, "cg_damping", cg_damping, "the damping must be >= 0")
         require(
-            0 < backtrack_ratio < 1,
+            is_number(cg_damping) and cg_damping >= 0,
+            "cg_damping",
+            cg_damping,
+            "the damping must be >= 0",
+        )
+        require(
+            is_number(backtrack_ratio) and 0 < backtrack_ratio < 1,
             "backtrack_ratio",
             backtrack_ratio,
             "need 0 < backtrack_ratio < 1 (the step must shrink)",
         )
         positive_int("max_backtracks", max_backtracks)
         require(
-            fvp_eps is None or fvp_eps > 0,
+            fvp_eps is None or (is_number(fvp_eps) and fvp_eps > 0),
             "fvp_eps",
             fvp_eps,
             "null (exact products) or > 0 (finite differences at θ ± fvp_eps/‖θ‖·v)",
@@ -130,7 +135,8 @@ class TRPO:
     def step(self, objective: Objective) -> dict[str, float]:
         """One TRPO update; ``objective(differentiable)`` → ``(loss, kl)`` at the current θ."""
         loss, kl = objective(True)
-        g = flat(torch.autograd.grad(loss, self.params, retain_graph=True))
+        # the exact products differentiate the same graph again; finite differences rebuild it
+        g = flat(torch.autograd.grad(loss, self.params, retain_graph=self.fvp_eps is None))
         old = flat(self.params).detach()
         fvp = self.fisher_vector_product(objective, kl)
         direction = conjugate_gradient(fvp, g, self.cg_iters)
