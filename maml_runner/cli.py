@@ -370,7 +370,7 @@ def compose(overrides: list[str], hydra: bool = False):
         unknown = re.search(r"Could not override '([^']+)'|Key '([^']+)' (?:is )?not in", text)
         if unknown:
             key = unknown.group(1) or _full_key(text, unknown.group(2))
-            fail(f"{key}: no such config key{_did_you_mean(key)}")
+            fail(f"{key}: no such config key{_did_you_mean(key, overrides)}")
         cause = f" ({exc.__cause__})" if exc.__cause__ else ""
         full = f"{text}{cause}"
         typed = re.search(r"Value '([^']*)' of type '\w+' could not be converted to (\w+)", full)
@@ -387,11 +387,12 @@ def _full_key(text: str, key: str) -> str:
     return found.group(1) if found else key
 
 
-def known_keys() -> list[str]:
-    """Every key of the default config (dotted) and every config group."""
+def known_keys(overrides: list[str] | None = None) -> list[str]:
+    """Every key (dotted) of the config ``overrides`` compose (default: the default config) and
+    every config group."""
     from omegaconf import OmegaConf
 
-    cfg = compose([])
+    cfg = compose(overrides or [])
     keys: list[str] = []
 
     def walk(node: object, prefix: str) -> None:
@@ -406,9 +407,16 @@ def known_keys() -> list[str]:
     return keys + list(group_options(_conf_dir()))
 
 
-def _did_you_mean(key: str) -> str:
-
-    close = difflib.get_close_matches(key, known_keys(), n=1, cutoff=0.6)
+def _did_you_mean(key: str, overrides: list[str] | None = None) -> str:
+    """The closest key of the run's own config (its other overrides composed: a preset's task
+    keys, not the default task's), else of the default config."""
+    others = [o for o in overrides or [] if o.partition("=")[0].lstrip("+~") != key]
+    try:
+        with _collecting():
+            keys = known_keys(others)
+    except Refusal:
+        keys = known_keys()
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
     return f"; did you mean {close[0]}?" if close else "; maml-run config lists the keys"
 
 
@@ -450,7 +458,7 @@ def check_overrides(overrides: list[str], multirun: bool):
             None,
         )
         if head not in roots or structured:
-            fail(f"+{key}: no such config key{_did_you_mean(key)}")
+            fail(f"+{key}: no such config key{_did_you_mean(key, plain)}")
     for knob, meaning in SHORT_KNOBS.items():
         value = cfg[knob]
         if not isinstance(value, int) or isinstance(value, bool):

@@ -133,6 +133,15 @@ BAD_INPUTS = [
     (["+tsk=omniglot"], "+tsk: no such config key; did you mean task?"),
     (["+trainer.stepz=10"], "+trainer.stepz: no such config key; did you mean trainer.steps?"),
     (["trainer.stepz=10"], "trainer.stepz: no such config key; did you mean trainer.steps?"),
+    # suggested from the run's own config: a preset's keys, not the default (sinusoid, Adam) one's
+    (
+        ["experiment=finn17_nav2d", "outer.fvp_epz=1"],
+        "outer.fvp_epz: no such config key; did you mean outer.fvp_eps?",
+    ),
+    (
+        ["experiment=finn17_nav2d", "+task.robotz=1"],
+        "+task.robotz: no such config key; did you mean task.robot?",
+    ),
     (["k=abc"], "k=abc: K, support examples per task must be an integer"),
     (["k=1.5"], "k=1.5: K, support examples per task must be an integer"),
     (["seed=abc"], "seed=abc: seed must be an integer"),
