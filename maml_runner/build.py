@@ -24,7 +24,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
 
 from maml_runner import distributed
-from maml_runner.errors import InvalidArgument, UserError
+from maml_runner.errors import InvalidArgument, UserError, is_number
 from maml_runner.job import Job, Report, SupervisedJob
 from maml_runner.maml import MAML, Pretrain, TaskLoss
 from maml_runner.maml.batch_norm import MODES as BATCH_NORM_STATS
@@ -278,7 +278,7 @@ def validate(cfg: DictConfig) -> None:
         "the Gaussian policy and TRPO are for RL tasks (nav2d, cheetah_dir, ...)",
     )
     outer_lr = cfg.outer.get("lr")  # optional: some torch.optim classes have no lr
-    number = isinstance(outer_lr, (int, float)) and not isinstance(outer_lr, bool)
+    number = is_number(outer_lr)
     _require(
         outer_lr is None or (number and outer_lr >= 0),
         "outer.lr",

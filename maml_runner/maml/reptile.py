@@ -52,7 +52,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from maml_runner.errors import choose, positive_int, require
+from maml_runner.errors import choose, is_number, positive_int, require
 from maml_runner.maml.core import Learned, Predict, per_task
 from maml_runner.maml.engine import BatchedEngine, engine_for
 from maml_runner.maml.functional import Params
@@ -176,7 +176,7 @@ class Reptile:
         transductive: bool = True,
         eval_seed: int = 0,
     ) -> None:
-        number = isinstance(inner_lr, (int, float)) and not isinstance(inner_lr, bool)
+        number = is_number(inner_lr)
         require(number and inner_lr >= 0, "inner_lr", inner_lr, "the inner step size must be >= 0")
         positive_int("inner_steps", inner_steps)  # 0 steps: θ' = θ, nothing to move toward
         for name, size in (("inner_batch_size", inner_batch_size),

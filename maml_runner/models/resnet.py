@@ -23,7 +23,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from maml_runner.errors import positive_int, require
+from maml_runner.errors import is_number, positive_int, require
 from maml_runner.models.conv import check_norm, norm_layer
 
 SLOPE = 0.1  # LeakyReLU's negative slope (MetaOptNet)
@@ -124,7 +124,7 @@ class ResNet12(nn.Module):
             f"{len(widths)} blocks halve it {len(widths)} times: give >= {2 ** len(widths)}",
         )
         check_norm(norm, norm_groups, widths)
-        number = isinstance(dropout, (int, float)) and not isinstance(dropout, bool)
+        number = is_number(dropout)
         require(number and 0 <= dropout < 1, "dropout", dropout, "a probability in [0, 1)")
         super().__init__()
         blocks, channels, size = [], in_channels, image_size
