@@ -160,7 +160,8 @@ def _validate_common(cfg: DictConfig) -> None:
 
 
 def validate_rl(cfg: DictConfig) -> None:
-    """``validate`` for RL task families: the policy model and TRPO go with them."""
+    """``validate`` for RL task families: the policy model goes with them (the outer optimiser:
+    TRPO, or any ``torch.optim`` class, checked as it is built)."""
     _validate_common(cfg)
     t = cfg.task
     _positive(cfg, "task.eval_k_shot", "trainer.val_tasks")  # (the rest: the constructors)
@@ -168,13 +169,8 @@ def validate_rl(cfg: DictConfig) -> None:
         cfg.model.name == "gaussian_mlp",
         "model",
         cfg.model.name,
-        f"task={t.name} needs model=gaussian_mlp outer=trpo (or experiment=finn17_{t.name})",
-    )
-    _require(
-        cfg.outer._target_ == TRPO_TARGET,
-        "outer",
-        cfg.outer._target_,
-        f"task={t.name} needs outer=trpo (the paper's TRPO meta-step)",
+        f"task={t.name} needs model=gaussian_mlp, with outer=trpo (the paper's) or a torch.optim "
+        f"class (or experiment=finn17_{t.name})",
     )
     name = cfg.algorithm.name
     _require(
@@ -792,7 +788,14 @@ def _build_rl(cfg: DictConfig) -> RLJob:
     from maml_runner.models import GaussianPolicy
     from maml_runner.rl.envs import Locomotion, Nav2D, reference_goals
     from maml_runner.rl.job import RLJob
-    from maml_runner.rl.meta import METRICS, MetaRL, RLTaskStream, trpo_step
+    from maml_runner.rl.meta import (
+        METRICS,
+        OPTIMIZER_METRICS,
+        MetaRL,
+        RLTaskStream,
+        outer_optimizer_step,
+        trpo_step,
+    )
     from maml_runner.tasks.base import make_generator
 
     if distributed.launched():
@@ -845,8 +848,13 @@ def _build_rl(cfg: DictConfig) -> RLJob:
                 init=m.init,
             )
         initial = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-        with _keys("outer"):
-            trpo = hydra.utils.instantiate(cfg.outer, params=list(policy.parameters()))
+        optimizer, scheduler = None, None  # TRPO keeps no state between steps
+        if cfg.outer._target_ == TRPO_TARGET:
+            with _keys("outer"):
+                trpo = hydra.utils.instantiate(cfg.outer, params=list(policy.parameters()))
+        else:  # any torch.optim class: one full-batch step on the outer objective per iteration
+            optimizer = build_optimizer(cfg.outer, policy)
+            scheduler = build_scheduler(cfg.outer, optimizer)
         rl_keys = dict(
             inner_lr="inner.lr", inner_steps="inner.steps", episodes_per_task="task.k_shot"
         )
@@ -873,14 +881,21 @@ def _build_rl(cfg: DictConfig) -> RLJob:
     except BaseException:
         env.close()
         raise
+    if optimizer is None:
+        update, metrics = trpo_step(learner, trpo, stream), METRICS
+    else:
+        update, metrics = outer_optimizer_step(learner, optimizer, stream), OPTIMIZER_METRICS
+    if scheduler is not None:
+        update, metrics = scheduled(update, scheduler), (*metrics, "meta_train/outer_lr")
     return RLJob(
         model=policy,
         params=learner.params,
-        optimizer=None,  # TRPO keeps no state between steps
+        optimizer=optimizer,
+        scheduler=scheduler,
         learner=learner,
         stream=stream,
-        update=trpo_step(learner, trpo, stream),
-        metrics=METRICS,
+        update=update,
+        metrics=metrics,
         stop=None,
         validation=None,
         device=device,

@@ -18,7 +18,15 @@ from maml_runner.models import GaussianPolicy
 from maml_runner.models.policy import kl_divergence, log_prob
 from maml_runner.rl.envs import Locomotion, Nav2D
 from maml_runner.rl.episodes import Episodes, discounted_returns, rollout, with_advantages
-from maml_runner.rl.meta import METRICS, MetaRL, RLTaskStream, pg_loss, trpo_step
+from maml_runner.rl.meta import (
+    METRICS,
+    OPTIMIZER_METRICS,
+    MetaRL,
+    RLTaskStream,
+    outer_optimizer_step,
+    pg_loss,
+    trpo_step,
+)
 from maml_runner.rl.trpo import TRPO, conjugate_gradient
 from maml_runner.tasks.base import make_generator
 from tests.helpers import make_config, maml_run, read_metrics
@@ -285,14 +293,14 @@ def test_policy_gradient_matches_finite_differences_on_a_bandit() -> None:
     assert grad["log_std"].item() == pytest.approx(dj_dlogstd, abs=0.02)
 
 
-def _learner(first_order: bool = False, dtype=torch.float32, **kw) -> MetaRL:
+def _learner(first_order: bool = False, dtype=torch.float32, inner_steps: int = 1, **kw) -> MetaRL:
     torch.manual_seed(0)
     policy = GaussianPolicy(2, 2, hidden=(16,)).to(dtype)
     return MetaRL(
         Nav2D(),
         policy,
         inner_lr=0.1,
-        inner_steps=1,
+        inner_steps=inner_steps,
         first_order=first_order,
         episodes_per_task=4,
         horizon=10,
@@ -428,6 +436,59 @@ def test_trpo_update_returns_what_it_names() -> None:
     assert out.shape == (len(METRICS),) and torch.isfinite(out).all()
     assert 0 < out[2] <= 0.01 and out[3] == int(out[3]) and 0 <= out[3] < 15
     assert out[4] > 0  # an accepted step lowers the surrogate
+
+
+def test_pretraining_with_adam_is_the_reference_codes_step() -> None:
+    """algorithm=pretrain outer=adam (the reference's MAMLNPO(use_maml=False)): the outer
+    objective's gradient at θ_old is that of the tasks' mean −log π·Â on the same episodes, and
+    one iteration is one full-batch Adam step (the first: lr·g/(|g| + ε) on every weight)."""
+    learner = _learner(inner_steps=0)
+    stream = RLTaskStream(learner.env, meta_batch_size=3, seed=0)
+    params = list(learner.params.values())
+    objective, _ = learner.meta_objective(*stream.batch(0))
+    loss, _ = objective(True)
+    ours = torch.autograd.grad(loss, params)
+    # the reference's loss on the same episodes: re-sample them with the step's generator
+    tasks, generator = stream.batch(0)
+    episodes = learner.sample(per_task(learner.params, 3), tasks, generator)
+    reference = pg_loss(learner.policy, per_task(learner.params, 3), episodes).mean()
+    expected = torch.autograd.grad(reference, params)
+    for a, b in zip(ours, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+    before = [p.detach().clone() for p in params]
+    adam = torch.optim.Adam(params, lr=1e-3)
+    out = outer_optimizer_step(learner, adam, stream)(0)
+    assert OPTIMIZER_METRICS == tuple(m for m in METRICS if m != "meta_train/backtracks")
+    assert out.shape == (len(OPTIMIZER_METRICS),) and torch.isfinite(out).all()
+    assert out[0] == out[1]  # no inner step: the post-update episodes are the pre-update ones
+    assert out[2] > 0 and out[3] > 0  # it moved the policy and lowered the surrogate
+    for p, b, g in zip(params, before, expected, strict=True):  # Adam's first step, eps 1e-8
+        torch.testing.assert_close(b - p, 1e-3 * g / (g.abs() + 1e-8), rtol=1e-4, atol=1e-9)
+
+
+def test_rl_with_a_torch_optimizer_resumes_exactly(tmp_path) -> None:
+    """experiment=finn17_nav2d_pretrain (Adam) and MAML with outer=sgd: 3 iterations in one go
+    == 1, then resume to 3 (Adam's moments travel in the checkpoint); a bad outer class is
+    refused in one line."""
+    for name, args in (
+        ("adam", [*TINY_NAV, "experiment=finn17_nav2d_pretrain"]),
+        ("sgd", [*TINY_NAV, "outer=sgd", "outer.lr=0.01"]),
+    ):
+        straight, split = tmp_path / f"{name}_straight", tmp_path / f"{name}_split"
+        maml_run([*args, "trainer.steps=3", f"hydra.run.dir={straight}"], cwd=tmp_path)
+        maml_run([*args, "trainer.steps=1", f"hydra.run.dir={split}"], cwd=tmp_path)
+        maml_run([f"resume={split}", "trainer.steps=3"], cwd=tmp_path)
+        a = torch.load(straight / "checkpoints" / "last.pt", weights_only=True)
+        b = torch.load(split / "checkpoints" / "last.pt", weights_only=True)
+        assert a["step"] == b["step"] == 3
+        for weight, value in a["model"].items():
+            assert torch.equal(value, b["model"][weight]), (name, weight)
+        history = read_metrics(straight)
+        assert "meta_train/backtracks" not in json.dumps(history)
+    proc = maml_run([*TINY_NAV, "outer._target_=torch.nn.Linear"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "outer._target_=torch.nn.Linear: " in proc.stderr
 
 
 def test_gaussian_log_prob_and_kl_match_torch_distributions() -> None:
@@ -649,7 +710,7 @@ def test_evaluate_reads_a_run_saved_with_the_keys_its_robot_ignored() -> None:
 
 def test_rl_bad_input_is_one_line(tmp_path) -> None:
     for args, expected in (
-        (["task=nav2d"], "model=mlp: task=nav2d needs model=gaussian_mlp outer=trpo"),
+        (["task=nav2d"], "model=mlp: task=nav2d needs model=gaussian_mlp, with outer=trpo"),
         ([*TINY_NAV, "task.reward=manhattan"], "task.reward=manhattan: choose one of"),
         ([*TINY_NAV, "task.action_map=tanh"], "task.action_map=tanh: choose one of"),
         ([*TINY_NAV, "task.goal_shape=star"], "task.goal_shape=star: choose one of"),

@@ -1,4 +1,4 @@
-"""MAML for reinforcement learning: a policy-gradient inner step, a TRPO outer step (§5.3).
+"""MAML for RL: a policy-gradient inner step, a TRPO (or any torch.optim) outer step (§5.3).
 
 One meta-iteration: draw T tasks; with θ, sample K episodes of each task and adapt
 θ'ᵢ = θ − α∇θ L_PG(θ; episodes of task i); with θ'ᵢ, sample K more; move θ by TRPO on the
@@ -57,9 +57,10 @@ class AdaptationResult:
 class MetaRL:
     """The MAML-TRPO learner (and, with ``inner_steps=0``, the multi-task pretrained baseline).
 
-    It samples episodes, adapts with policy-gradient steps and builds TRPO's objective; the
-    tasks come from an ``RLTaskStream`` and the update is ``trpo_step`` (learner, stream,
-    update: the same three parts as a supervised run).
+    It samples episodes, adapts with policy-gradient steps and builds the outer objective; the
+    tasks come from an ``RLTaskStream`` and the update is ``trpo_step`` (or, with a
+    ``torch.optim`` outer optimiser, ``outer_optimizer_step``): learner, stream, update, the
+    same three parts as a supervised run.
 
     Raises:
         InvalidArgument: ``inner_lr`` < 0, ``inner_steps`` not an integer >= 0,
@@ -125,7 +126,7 @@ class MetaRL:
         return params
 
     def meta_objective(self, tasks: Tensor, generator: torch.Generator) -> tuple[Objective, Tensor]:
-        """Sample one meta-iteration's episodes; return TRPO's objective and [post, pre] returns.
+        """Sample one meta-iteration's episodes; return the outer objective, [post, pre] returns.
 
         ``objective(differentiable)`` gives the post-update surrogate loss and the mean KL from
         the sampling policy π_old, at the current θ (see ``TRPO.step``).
@@ -242,5 +243,35 @@ def trpo_step(learner: MetaRL, optimizer: TRPO, stream: RLTaskStream) -> Callabl
         improvement = stats["surrogate_before"] - stats["surrogate"]
         health = [stats["kl"], stats["backtracks"], improvement]
         return torch.cat([returns, returns.new_tensor(health)])
+
+    return update
+
+
+# What ``outer_optimizer_step``'s update returns: METRICS without the line search's backtracks.
+OPTIMIZER_METRICS = tuple(m for m in METRICS if m != "meta_train/backtracks")
+
+
+def outer_optimizer_step(
+    learner: MetaRL, optimizer: torch.optim.Optimizer, stream: RLTaskStream
+) -> Callable[[int], Tensor]:
+    """One meta-iteration with a ``torch.optim`` outer optimiser as ``update(step)``: one
+    full-batch step on the post-update surrogate (its gradient at θ_old is the policy gradient
+    through the inner steps); returns the figures named by OPTIMIZER_METRICS, the step's KL
+    and surrogate improvement measured on the same samples after it.
+
+    Without inner steps (``algorithm=pretrain``) this is the reference code's pretraining path
+    (``MAMLNPO(use_maml=False)``: one full-batch Adam step, lr 1e-3, per iteration on the
+    tasks' mean −log π·Â).
+    """
+
+    def update(step: int) -> Tensor:
+        objective, returns = learner.meta_objective(*stream.batch(step))
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = objective(True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            after, kl = objective(False)
+        return torch.cat([returns, torch.stack([kl, loss.detach() - after])])
 
     return update
