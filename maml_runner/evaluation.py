@@ -20,7 +20,9 @@ from maml_runner.tasks import FixedTasks
 
 @dataclass
 class EvalResult:
-    """Per metric (``query_loss``, ``query_acc``), mean, 95% CI and median after 0..S steps.
+    """Per metric (``query_loss``, ``query_acc``), mean, 95% CI and median after 0..S steps,
+    and each test task's own figure (``per_task[metric][s][i]``, the tasks in the meta-test's
+    fixed order), so that a mean can be read back to the tasks behind it.
 
     ``diverged[s]`` counts the tasks whose figures are not finite after ``s`` steps (the mean
     then is not finite either; the median is over the tasks that have a number).
@@ -32,18 +34,20 @@ class EvalResult:
     ci95: dict[str, list[float]]
     median: dict[str, list[float]] = field(default_factory=dict)
     diverged: list[int] = field(default_factory=list)
+    per_task: dict[str, list[list[float]]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, values: dict[str, torch.Tensor]) -> EvalResult:
         """Summarise ``{metric: [steps+1, tasks]}`` over the tasks."""
-        mean, ci95, median = {}, {}, {}
+        mean, ci95, median, per_task = {}, {}, {}, {}
         for name, v in values.items():
             mean[name], ci95[name] = mean_ci95(v)
             median[name] = v.double().nanmedian(-1).values.tolist()
+            per_task[name] = v.double().tolist()
         finite = torch.stack([torch.isfinite(v) for v in values.values()]).all(0)
         steps, num_tasks = finite.shape
         diverged = (~finite).sum(-1).tolist()
-        return cls(list(range(steps)), num_tasks, mean, ci95, median, diverged)
+        return cls(list(range(steps)), num_tasks, mean, ci95, median, diverged, per_task)
 
     def at(self, metric: str, step: int) -> tuple[float, float]:
         return self.mean[metric][step], self.ci95[metric][step]
@@ -56,6 +60,8 @@ class EvalResult:
                 out[metric]["median"] = self.median[metric]
         if self.diverged:
             out["diverged"] = self.diverged
+        if self.per_task:  # last: thousands of numbers, after the figures a reader looks for
+            out["per_task"] = self.per_task
         return out
 
     @classmethod
@@ -68,6 +74,7 @@ class EvalResult:
             ci95={m: list(data[m]["ci95"]) for m in metrics},
             median={m: list(data[m]["median"]) for m in metrics if "median" in data[m]},
             diverged=list(data.get("diverged", [])),
+            per_task={m: list(v) for m, v in data.get("per_task", {}).items()},
         )
 
 

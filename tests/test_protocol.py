@@ -122,8 +122,17 @@ def test_best_pt_the_tested_step_and_the_objective_are_the_validations(tmp_path:
     maml_run(["evaluate", str(tmp_path / "checkpoints" / "best.pt")], cwd=tmp_path)
     [out] = (tmp_path / "checkpoints").glob("eval_step*.json")
     assert out.name.startswith(f"eval_step{best['step']}_")
-    again = json.loads(out.read_text())["meta_test"]["query_loss"]
-    assert again == metrics["meta_test"]["query_loss"]
+    again = json.loads(out.read_text())["meta_test"]
+    assert again["query_loss"] == metrics["meta_test"]["query_loss"]
+    # each test task's figures come with the means, last, and give them back
+    tested = metrics["meta_test"]
+    assert list(tested)[-1] == "per_task" and again["per_task"] == tested["per_task"]
+    assert list(tested["per_task"]) == ["query_loss"]  # regression: the one metric
+    for name, rows in tested["per_task"].items():
+        assert len(rows) == len(tested["inner_steps"])
+        assert all(len(row) == tested["num_tasks"] for row in rows)
+        means = [sum(row) / len(row) for row in rows]
+        assert means == pytest.approx(tested[name]["mean"], rel=1e-6)
 
 
 def test_eval_checkpoint_last_and_no_validation(tmp_path: Path) -> None:
@@ -157,8 +166,10 @@ def test_diverged_tasks_are_counted_and_the_median_reported() -> None:
     assert result.diverged == [0, 1] and result.num_tasks == 4
     assert result.median["query_loss"] == [2.0, 2.0]  # torch's lower median, NaN left out
     assert math.isnan(result.mean["query_loss"][1])
-    again = EvalResult.from_dict(result.to_dict())
+    again = EvalResult.from_dict(json.loads(json.dumps(result.to_dict())))
     assert again.diverged == [0, 1] and again.median == result.median
+    assert again.per_task["query_loss"][0] == [1.0, 2.0, 3.0, 4.0]
+    assert math.isnan(again.per_task["query_loss"][1][3])  # the diverged task, kept as NaN
 
 
 @pytest.mark.parametrize(

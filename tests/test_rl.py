@@ -486,6 +486,11 @@ def test_rl_with_a_torch_optimizer_resumes_exactly(tmp_path) -> None:
             assert torch.equal(value, b["model"][weight]), (name, weight)
         history = read_metrics(straight)
         assert "meta_train/backtracks" not in json.dumps(history)
+        # each test goal's return after each step, for θ and for the random initialisation
+        for tested in (history["meta_test"], history["baselines"]["random_init"]):
+            rows = tested["per_task"]["return"]
+            assert len(rows) == len(tested["inner_steps"]) and len(rows[0]) == tested["num_tasks"]
+            assert sum(rows[-1]) / len(rows[-1]) == pytest.approx(tested["return"]["mean"][-1])
     proc = maml_run([*TINY_NAV, "outer._target_=torch.nn.Linear"], cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "outer._target_=torch.nn.Linear: " in proc.stderr
