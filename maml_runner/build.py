@@ -116,6 +116,14 @@ def _validate_common(cfg: DictConfig) -> None:
         "set trainer.val_every > 0 or keep_best=1",
     )
     _positive(cfg, "inner.eval_steps", minimum=0)
+    # torch.optim takes a bool as a learning rate (True: 1), so the outer one is checked here
+    outer_lr = cfg.outer.get("lr")  # optional: TRPO and some torch.optim classes have none
+    _require(
+        outer_lr is None or (is_number(outer_lr) and outer_lr >= 0),
+        "outer.lr",
+        outer_lr,
+        "the meta step size must be a number >= 0",
+    )
     # checked again where they are used, and here so that a sweep refuses before its first job
     with _keys("inner", inner_lr="inner.lr", inner_steps="inner.steps"):
         check_inner(cfg.inner.lr, cfg.inner.steps)
@@ -272,14 +280,6 @@ def validate(cfg: DictConfig) -> None:
         "model" if cfg.model.name == "gaussian_mlp" else "outer",
         cfg.model.name if cfg.model.name == "gaussian_mlp" else cfg.outer._target_,
         "the Gaussian policy and TRPO are for RL tasks (nav2d, cheetah_dir, ...)",
-    )
-    outer_lr = cfg.outer.get("lr")  # optional: some torch.optim classes have no lr
-    number = is_number(outer_lr)
-    _require(
-        outer_lr is None or (number and outer_lr >= 0),
-        "outer.lr",
-        outer_lr,
-        "the meta step size must be a number >= 0",
     )
     if cfg.task.name == "omniglot":
         split = cfg.task.split
@@ -848,7 +848,7 @@ def _build_rl(cfg: DictConfig) -> RLJob:
                 init=m.init,
             )
         initial = {k: v.detach().clone() for k, v in policy.state_dict().items()}
-        optimizer, scheduler = None, None  # TRPO keeps no state between steps
+        trpo, optimizer, scheduler = None, None, None  # TRPO keeps no state between steps
         if cfg.outer._target_ == TRPO_TARGET:
             with _keys("outer"):
                 trpo = hydra.utils.instantiate(cfg.outer, params=list(policy.parameters()))
@@ -881,7 +881,7 @@ def _build_rl(cfg: DictConfig) -> RLJob:
     except BaseException:
         env.close()
         raise
-    if optimizer is None:
+    if trpo is not None:
         update, metrics = trpo_step(learner, trpo, stream), METRICS
     else:
         update, metrics = outer_optimizer_step(learner, optimizer, stream), OPTIMIZER_METRICS

@@ -76,14 +76,14 @@ def device_name(device: torch.device) -> str:
 def metrics(job: Job, tested: Tested, fitted: FitResult, selected: Selection) -> dict:
     """The contents of ``metrics.json``."""
     objective = selected.objective if math.isfinite(selected.objective) else None
-    result = tested.result.to_dict()
-    per_task = result.pop("per_task", None)
-    meta_test = {**result, "checkpoint": selected.checkpoint, "step": selected.step}
-    if per_task is not None:  # each test task's figures, last (see EvalResult)
-        meta_test["per_task"] = per_task
     out = {
         **job.report.header,
-        "meta_test": meta_test,
+        # the tested θ first; the result ends with each test task's figures (see EvalResult)
+        "meta_test": {
+            "checkpoint": selected.checkpoint,
+            "step": selected.step,
+            **tested.result.to_dict(),
+        },
         "meta_val": {"best": fitted.best},
         "train": {
             "steps": fitted.step,

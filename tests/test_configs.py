@@ -29,7 +29,8 @@ OPTIONS = [
 
 TASKS = sorted(p.stem for p in (CONF / "task").glob("*.yaml"))
 MODELS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
-# RL task families (their schema is base_rl) go with the policy model and the TRPO outer step
+# RL task families (their schema is base_rl) go with the policy model; the TRPO outer steps go
+# with them (a torch.optim outer step composes with any task)
 RL_TASKS = [t for t in TASKS if "- base_rl" in (CONF / "task" / f"{t}.yaml").read_text()]
 RL_PARTS = {"task": RL_TASKS, "model": ["gaussian_mlp"], "outer": ["trpo", "trpo_reference"]}
 # options with a required key of the user's (``???`` in the file), and a value to test them with
