@@ -553,8 +553,9 @@ def presets() -> None:
 
 
 # What may change between training and a meta-test (`maml-run evaluate RUN KEY=VALUE ...`):
-# where the data is, the device, the test tasks (K, N, query size, number, seed, chunk) and the
-# adaptation (α, steps). Everything else is the run's own.
+# where the data is, the device, the test tasks (K, N, query size, number, seed, chunk), how an
+# RL test task's episodes are sampled and the adaptation (α, steps). Everything else is the
+# run's own.
 EVALUATE_KEYS = (
     "data.root",
     "device",
@@ -563,6 +564,7 @@ EVALUATE_KEYS = (
     "task.eval_query_size",
     "task.test_goals",
     "task.eval_later_lr_scale",
+    "task.sampling",
     "inner.lr",
     "inner.eval_steps",
     "eval.num_tasks",

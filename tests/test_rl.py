@@ -94,6 +94,86 @@ def test_step_sampling_collects_whole_trajectories_until_the_budget() -> None:
     torch.testing.assert_close(pg_loss(policy, params, eps), unpacked)
 
 
+def _wave(lengths: list[list[int]], horizon: int) -> Episodes:
+    """A wave of trajectories of the given lengths, ``[T, M]``; each reward is its slot's label."""
+    t, m = len(lengths), len(lengths[0])
+    mask = torch.zeros(t, m, horizon)
+    for i, row in enumerate(lengths):
+        for j, length in enumerate(row):
+            mask[i, j, :length] = 1
+    label = torch.arange(1, t * m + 1, dtype=torch.float32).view(t, m, 1)
+    return Episodes(mask.unsqueeze(-1), mask.unsqueeze(-1), mask * label, mask)
+
+
+def test_rllab_sampling_keeps_what_the_vectorized_sampler_finished_first() -> None:
+    """sampling=rllab: environments stepped together, each running trajectories one after the
+    other; the sampler stops at the first time step where the finished ones hold the budget and
+    drops those still running. A test task (2 environments, budget 2·10): environment 0 runs
+    3, 4, 10 steps (ending at 3, 7, 17), environment 1 10, 10 (ending at 10, 20): at 17 the
+    finished hold 3+4+10+10 = 27 >= 20, so the 10-step trajectory running to 20 is dropped
+    (sampling=steps keeps the first trajectories in slot order: 3, 10, 4, 10 here too, but
+    not 3, 4 before a 10). Two waves are too few to tell: environment 0 might end a third
+    trajectory before 20."""
+    from maml_runner.rl.episodes import _vectorized
+
+    w1, w2, w3 = _wave([[3, 10]], 10), _wave([[4, 10]], 10), _wave([[10, 10]], 10)
+    assert _vectorized([w1, w2], 2, 10, pooled=False) is None
+    kept = _vectorized([w1, w2, w3], 2, 10, pooled=False)
+    assert kept.mask.sum(-1).tolist() == [[3.0, 10.0, 4.0, 10.0]]
+    assert kept.rewards[..., 0].tolist() == [[1.0, 2.0, 1.0, 1.0]]  # w3's env-0 trajectory
+    # a meta-training batch (pooled): one environment per task, one budget 2·2·10 for both;
+    # task 0 ends at 10, 20, 30, 40, task 1 at 2, 5, 10, 20: 20 steps are finished at 20
+    pooled = _vectorized(
+        [_wave([[10, 10], [2, 3]], 10), _wave([[10, 10], [5, 10]], 10)], 2, 10, True
+    )
+    assert pooled.mask.sum(-1).tolist() == [[10.0, 10.0, 0.0, 0.0], [2.0, 3.0, 5.0, 10.0]]
+
+
+def test_rllab_sampling_over_represents_trajectories_that_end_early() -> None:
+    """Where no trajectory ends early (the locomotion tasks) sampling=rllab gives exactly
+    sampling=episodes' trajectories; where goals are reached it keeps whole trajectories that
+    hold at least the budget, more of the short ones than sampling=steps (the bias of the
+    reference code's figures)."""
+    torch.manual_seed(0)
+    policy = GaussianPolicy(2, 2, hidden=(8,))
+    far = torch.tensor([[3.0, 3.0], [-3.0, 3.0]])  # unreachable in 5 steps
+    params = per_task(dict(policy.named_parameters()), 2)
+    env = Nav2D(action_map="rescale", goal_shape="square", goal_radius=0.15)
+    for pooled in (False, True):
+        kw = dict(episodes_per_task=3, horizon=5)
+        ours = rollout(
+            env,
+            policy,
+            params,
+            far,
+            generator=make_generator(1, CPU),
+            sampling="rllab",
+            pooled=pooled,
+            **kw,
+        )
+        plain = rollout(env, policy, params, far, generator=make_generator(1, CPU), **kw)
+        for name in ("obs", "actions", "rewards", "mask"):
+            assert torch.equal(getattr(ours, name), getattr(plain, name))
+    near = Nav2D(action_map="rescale", goal_shape="square", goal_radius=0.06)
+    goals = torch.tensor([[0.05, 0.05]] * 2)  # reached in 1 step or a few, or missed
+    short = {}
+    for sampling in ("steps", "rllab"):
+        eps = rollout(
+            near,
+            policy,
+            params,
+            goals,
+            episodes_per_task=40,
+            horizon=20,
+            generator=make_generator(2, CPU),
+            sampling=sampling,
+        )
+        lengths = eps.mask.sum(-1)[eps.valid.bool()]
+        assert (eps.mask.sum((1, 2)) >= 800).all()
+        short[sampling] = (lengths < 20).float().mean().item()
+    assert short["rllab"] > short["steps"] + 0.05, short
+
+
 def test_xavier_policy_init_has_zero_biases_and_glorot_weights() -> None:
     """model.init=xavier: the reference policy's Glorot-uniform weights and zero biases."""
     torch.manual_seed(0)
@@ -591,6 +671,20 @@ def test_evaluate_may_change_the_later_steps_step_size() -> None:
     assert cfg.task.eval_later_lr_scale == 0.25 and saved.task.eval_later_lr_scale == 0.5
     with pytest.raises(UserError, match="task.eval_later_lr_scale=0"):
         validate(_evaluation_config(saved, ["task.eval_later_lr_scale=0"], {}))
+
+
+def test_evaluate_may_change_how_test_episodes_are_sampled() -> None:
+    """task.sampling is a test-time setting too (a run trained with one sampling can be tested
+    as the reference tested, sampling=rllab); a bad value is refused in one line."""
+    from maml_runner.build import build
+    from maml_runner.cli import _evaluation_config
+    from maml_runner.errors import UserError
+
+    saved = make_config([*TINY_NAV, "task.sampling=steps"])
+    with build(_evaluation_config(saved, ["task.sampling=rllab"], {})) as job:
+        assert job.learner.sampling == "rllab" and saved.task.sampling == "steps"
+    with pytest.raises(UserError, match="task.sampling=paths: choose one of"):
+        build(_evaluation_config(saved, ["task.sampling=paths"], {}))
 
 
 def test_rl_resume_is_exact_and_evaluate_reads_rl_runs(tmp_path) -> None:

@@ -5,15 +5,25 @@ forward for every task (``GaussianPolicy.distribution`` with per-task weights) a
 environment step for all T·M episodes. Tensors are ``[T, M, H, ...]``; ``mask`` is 1 while an
 episode is alive (an ended episode's later steps are padding).
 
-Two ways to sample a task (``sampling``): ``episodes``, exactly M trajectories; ``steps``, whole
-trajectories until M·H time steps are collected (rllab's sampler, which the reference code
-uses: its ``batch_size`` counts ``fast_batch_size·max_path_length`` time steps, so episodes that
-end early at a goal make room for more of them). Either way ``Episodes`` holds the task's
-trajectories; unused slots have a ``mask`` of 0 throughout and count in no mean.
+Three ways to sample a task (``sampling``): ``episodes``, exactly M trajectories; ``steps``,
+whole trajectories until M·H time steps are collected (the reference code's ``batch_size``
+counts ``fast_batch_size·max_path_length`` time steps, so episodes that end early at a goal
+make room for more of them); ``rllab``, the trajectories rllab's ``VectorizedSampler`` keeps, as
+the reference code ran it. That sampler steps its environments together, each starting a new
+trajectory when one ends, and stops at the first time step at which its *finished*
+trajectories hold the budget; the ones still running are dropped. So where trajectories end
+early, those that end soonest are over-represented: the reference's figures average over that
+sample. Its meta-training batch ran one environment per task with one budget, T·M·H, for the
+whole batch (``pooled``); its tests ran each task alone with M environments and M·H steps.
+Either way ``Episodes`` holds the task's trajectories; unused slots have a ``mask`` of 0
+throughout and count in no mean.
 
 References:
     Duan et al. (2016), Benchmarking Deep RL for Continuous Control (rllab): the linear feature
-    baseline that the MAML reference code refits per task, and its batch sampler.
+    baseline that the MAML reference code refits per task, and its batch sampler;
+    cbfinn/maml_rl, ``sandbox/rocky/tf/samplers/vectorized_sampler.py`` (the ``VectorizedSampler``
+    its ``BatchMAMLPolopt`` builds with one environment per task, and its ``BatchPolopt`` tests
+    with ``batch_size / max_path_length`` environments).
 """
 
 from __future__ import annotations
@@ -27,8 +37,9 @@ from maml_runner.maml.functional import Params
 from maml_runner.models.policy import GaussianPolicy
 from maml_runner.rl.envs import VectorEnv
 
-# episodes: exactly M trajectories per task; steps: whole trajectories until M·H time steps
-SAMPLINGS = ("episodes", "steps")
+# episodes: exactly M trajectories per task; steps: whole trajectories until M·H time steps;
+# rllab: the finished trajectories of environments stepped together until they hold the budget
+SAMPLINGS = ("episodes", "steps", "rllab")
 
 
 @dataclass
@@ -124,16 +135,14 @@ def _run(
     return Episodes(stack(observations), stack(actions), stack(rewards), stack(masks))
 
 
-def _first_until(waves: list[Episodes], budget: int) -> Episodes:
-    """Each task's first trajectories (wave by wave) until their steps reach ``budget``; the
-    kept ones moved to the front of the slots, the slots trimmed to the most any task keeps."""
+def _kept(waves: list[Episodes], keep: Tensor) -> Episodes:
+    """The trajectories of ``waves`` (concatenated wave by wave) where ``keep`` ``[T, W·M]`` is 1,
+    moved to the front of each task's slots, the slots trimmed to the most any task keeps."""
     obs, actions, rewards, mask = (
         torch.cat([getattr(w, name) for w in waves], dim=1)
         for name in ("obs", "actions", "rewards", "mask")
     )
-    lengths = mask.sum(-1)  # [T, M]
-    before = lengths.cumsum(1) - lengths  # steps collected before each trajectory
-    keep = (before < budget).float()
+    keep = keep.to(mask.device, mask.dtype)
     order = torch.sort(keep, dim=1, descending=True, stable=True).indices
     slots = max(int(keep.sum(1).max().item()), 1)
     order = order[:, :slots]
@@ -147,6 +156,55 @@ def _first_until(waves: list[Episodes], budget: int) -> Episodes:
     return Episodes(take(obs), take(actions), take(rewards), take(mask))
 
 
+def _lengths(waves: list[Episodes]) -> Tensor:
+    """Time steps of every trajectory of ``waves``, concatenated wave by wave, ``[T, W·M]``."""
+    return torch.cat([w.mask.sum(-1) for w in waves], dim=1).cpu()
+
+
+def _first_until(waves: list[Episodes], budget: int) -> Episodes:
+    """Each task's first trajectories (wave by wave) until their steps reach ``budget``."""
+    lengths = _lengths(waves)
+    before = lengths.cumsum(1) - lengths  # steps collected before each trajectory
+    return _kept(waves, (before < budget).float())
+
+
+def _vectorized_stop(ends: Tensor, lengths: Tensor, budget: int) -> tuple[Tensor, Tensor]:
+    """The first time step at which the trajectories finished by then hold ``budget`` steps, per
+    row of ``ends``/``lengths`` ``[P, N]``, and whether the row's trajectories reach it."""
+    order = ends.argsort(dim=1, stable=True)
+    held = lengths.gather(1, order).cumsum(1) >= budget
+    first = held.float().argmax(1, keepdim=True)  # first finished trajectory that fills it
+    return ends.gather(1, order).gather(1, first).squeeze(1), held.any(1)
+
+
+def _vectorized(waves: list[Episodes], m: int, horizon: int, pooled: bool) -> Episodes | None:
+    """rllab's ``VectorizedSampler`` over the trajectories of ``waves``, or None when they are too
+    few to tell where it stops.
+
+    A task's trajectories run in its environments (``pooled``: one; else ``m``) one after the
+    other, trajectory j in environment j mod count, so each ends at the sum of the lengths
+    before it there. The sampler stops at the first time step where the finished trajectories
+    of the pool (``pooled``: the whole batch; else the task) hold the budget, and keeps those
+    finished by then. That time is known once every environment of the pool has run past it.
+    """
+    t = waves[0].mask.shape[0]
+    envs = 1 if pooled else m
+    lengths = _lengths(waves)
+    ends = lengths.view(t, -1, envs).cumsum(1)  # [T, trajectories per env, envs]
+    ran = ends[:, -1, :]  # time each environment has run, [T, envs]
+    ends = ends.view(t, -1)
+    if pooled:
+        stop, reached = _vectorized_stop(ends.view(1, -1), lengths.view(1, -1), t * m * horizon)
+        known = reached & (ran.min() >= stop)
+        stop = stop.expand(t)
+    else:
+        stop, reached = _vectorized_stop(ends, lengths, m * horizon)
+        known = reached & (ran.min(1).values >= stop)
+    if not bool(known.all()):
+        return None
+    return _kept(waves, (ends <= stop.unsqueeze(1)).float())
+
+
 @torch.no_grad()
 def rollout(
     env: VectorEnv,
@@ -158,20 +216,25 @@ def rollout(
     horizon: int,
     generator: torch.Generator,
     sampling: str = "episodes",
+    pooled: bool = False,
 ) -> Episodes:
     """Episodes of each task t with its weights ``params[..][t]``: ``episodes_per_task`` (M) of
-    them (``sampling=episodes``), or whole ones until M·``horizon`` time steps (``steps``; waves
-    of M run in lock-step until every task has its steps, rllab's sampler's budget)."""
+    them (``sampling=episodes``), whole ones until M·``horizon`` time steps (``steps``), or
+    those rllab's ``VectorizedSampler`` keeps (``rllab``; ``pooled``: a meta-training batch,
+    one environment per task and one budget for all, else each task with M environments).
+    Waves of M run in lock-step until the sampling has what it needs."""
     if sampling == "episodes":
         return _run(env, policy, params, tasks, episodes_per_task, horizon, generator)
     budget = episodes_per_task * horizon
     waves: list[Episodes] = []
-    collected = torch.zeros(tasks.shape[0])
-    while bool((collected < budget).any()):
-        wave = _run(env, policy, params, tasks, episodes_per_task, horizon, generator)
-        waves.append(wave)
-        collected = collected + wave.mask.sum((1, 2)).cpu()
-    return _first_until(waves, budget)
+    while True:
+        waves.append(_run(env, policy, params, tasks, episodes_per_task, horizon, generator))
+        if sampling == "rllab":
+            episodes = _vectorized(waves, episodes_per_task, horizon, pooled)
+            if episodes is not None:
+                return episodes
+        elif bool((_lengths(waves).sum(1) >= budget).all()):
+            return _first_until(waves, budget)
 
 
 def discounted_returns(rewards: Tensor, discount: float) -> Tensor:

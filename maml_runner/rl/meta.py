@@ -100,9 +100,11 @@ class MetaRL:
         tasks: Tensor,
         generator: torch.Generator,
         episodes_per_task: int | None = None,
+        pooled: bool = False,
     ) -> Episodes:
         """Episodes of each task under ``params`` (``episodes_per_task``: K by default; with
-        ``sampling=steps``, whole ones until K·horizon time steps)."""
+        ``sampling=steps``, whole ones until K·horizon time steps; ``pooled``: a meta-training
+        batch, which ``sampling=rllab`` samples as one)."""
         params = {n: p.detach() for n, p in params.items()}
         episodes = rollout(
             self.env,
@@ -113,6 +115,7 @@ class MetaRL:
             horizon=self.horizon,
             generator=generator,
             sampling=self.sampling,
+            pooled=pooled,
         )
         return with_advantages(episodes, discount=self.discount, normalize=self.normalize)
 
@@ -140,6 +143,7 @@ class MetaRL:
             lr=self.inner_lr,
             later_lr_scale=1.0,
             generator=generator,
+            pooled=True,
         )
         *inner, post = sampled.episodes
         post = post.packed()  # the surrogate and KL read only live steps
@@ -183,18 +187,19 @@ class MetaRL:
         later_lr_scale: float,
         generator: torch.Generator,
         episodes_per_task: int | None = None,
+        pooled: bool = False,
     ) -> AdaptationResult:
         """Sample, take a policy-gradient step, sample again, ... ``steps`` times from θ.
 
         The paper's test (returns after 0..steps steps) and the sampling half of a
         meta-iteration. The steps after the first use α·``later_lr_scale`` (the reference
         code's tests: 0.5; the ant's direction: 0.01). ``episodes_per_task``: K at meta-test
-        (``task.eval_k_shot``).
+        (``task.eval_k_shot``). ``pooled``: the tasks are a meta-training batch (``sample``).
         """
         fast = per_task({n: p.detach() for n, p in params.items()}, tasks.shape[0])
         returns, sampled = [], []
         for s in range(steps + 1):
-            episodes = self.sample(fast, tasks, generator, episodes_per_task)
+            episodes = self.sample(fast, tasks, generator, episodes_per_task, pooled)
             returns.append(episodes.mean_return())
             sampled.append(episodes)
             if s < steps:
