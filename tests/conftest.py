@@ -31,6 +31,7 @@ SLOW = {
     "test_torchrun_all_reduces_the_learned_meta_parameters",
     "test_two_gloo_ranks_match_one_process",
     "test_rl_resume_is_exact_and_evaluate_reads_rl_runs",
+    "test_rl_with_a_torch_optimizer_resumes_exactly",
     "test_quick_bench_of_metasgd_times_ours_and_learn2learn",
     "test_quick_bench_of_ours_prints_a_rate_for_every_workload",
     "test_optuna_search_reads_the_returned_objective",
