@@ -188,20 +188,16 @@ def _vectorized(waves: list[Episodes], m: int, horizon: int, pooled: bool) -> Ep
     finished by then. That time is known once every environment of the pool has run past it.
     """
     t = waves[0].mask.shape[0]
-    envs = 1 if pooled else m
+    envs, pools = (1, 1) if pooled else (m, t)
     lengths = _lengths(waves)
     ends = lengths.view(t, -1, envs).cumsum(1)  # [T, trajectories per env, envs]
-    ran = ends[:, -1, :]  # time each environment has run, [T, envs]
+    ran = ends[:, -1, :].reshape(pools, -1)  # time each environment of a pool has run
     ends = ends.view(t, -1)
-    if pooled:
-        stop, reached = _vectorized_stop(ends.view(1, -1), lengths.view(1, -1), t * m * horizon)
-        known = reached & (ran.min() >= stop)
-        stop = stop.expand(t)
-    else:
-        stop, reached = _vectorized_stop(ends, lengths, m * horizon)
-        known = reached & (ran.min(1).values >= stop)
-    if not bool(known.all()):
+    budget = m * horizon * (t // pools)
+    stop, reached = _vectorized_stop(ends.view(pools, -1), lengths.view(pools, -1), budget)
+    if not bool((reached & (ran.min(1).values >= stop)).all()):
         return None
+    stop = stop.repeat_interleave(t // pools)  # each task's pool's
     return _kept(waves, (ends <= stop.unsqueeze(1)).float())
 
 
@@ -225,7 +221,6 @@ def rollout(
     Waves of M run in lock-step until the sampling has what it needs."""
     if sampling == "episodes":
         return _run(env, policy, params, tasks, episodes_per_task, horizon, generator)
-    budget = episodes_per_task * horizon
     waves: list[Episodes] = []
     while True:
         waves.append(_run(env, policy, params, tasks, episodes_per_task, horizon, generator))
@@ -233,8 +228,8 @@ def rollout(
             episodes = _vectorized(waves, episodes_per_task, horizon, pooled)
             if episodes is not None:
                 return episodes
-        elif bool((_lengths(waves).sum(1) >= budget).all()):
-            return _first_until(waves, budget)
+        elif bool((_lengths(waves).sum(1) >= episodes_per_task * horizon).all()):
+            return _first_until(waves, episodes_per_task * horizon)
 
 
 def discounted_returns(rewards: Tensor, discount: float) -> Tensor:
